@@ -1,0 +1,183 @@
+"""Model configuration: one frozen, hashable dataclass shared by every MoE family.
+
+The config is static under `jax.jit` (it is hashable), so it is passed as a static argument and
+never traced. HF `config.json` dicts are turned into a `ModelConfig` by a per-`model_type` parser
+registered with `register_family`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+_PARSERS: dict[str, Callable[[dict], "ModelConfig"]] = {}
+
+
+class ConfigError(ValueError):
+    """A config.json that rewire-jax cannot turn into a model (unsupported type, bad values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding. `rope_type` is 'default' or 'yarn'; YaRN fields follow HF names."""
+
+    theta: float = 10000.0
+    dim: int = 0  # rotary dims per head; 0 = the whole head_dim
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+    interleaved: bool = False  # DeepSeek pairs (x[2i], x[2i+1]); everyone else rotate-half
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only MoE LM (all sizes are per layer unless noted).
+
+    `moe_layers` lists the decoder-layer indices that have a router; row r of the deltas
+    `[L_moe, E]` belongs to decoder layer `moe_layers[r]`.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    moe_layers: tuple[int, ...]
+    intermediate_size: int = 0  # dense-MLP width (dense layers only)
+    norm_topk_prob: bool = False
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig()
+    qk_norm: str = "none"  # 'none' | 'flat' (OLMoE: over all heads) | 'head' (Qwen3: per head)
+    clip_qkv: Optional[float] = None
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    dtype: str = "float32"  # parameter / activation dtype; router softmax, deltas, loss stay fp32
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}")
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                f"{self.num_experts}]")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}; use 'float32', 'bfloat16' or 'float16'")
+        if any(not 0 <= i < self.num_layers for i in self.moe_layers):
+            raise ConfigError(f"moe_layers {self.moe_layers} out of range for {self.num_layers} layers")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        return (self.num_moe_layers, self.num_experts)
+
+    def moe_index(self, layer: int) -> Optional[int]:
+        """Row of the deltas for decoder layer `layer`, or None for a dense layer."""
+        return self.moe_layers.index(layer) if layer in self.moe_layers else None
+
+    @property
+    def jnp_dtype(self):
+        import jax.numpy as jnp
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    # -- (de)serialisation of our own format (converted checkpoints) ------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["rope"] = RopeConfig(**d.get("rope", {}))
+        for key in ("moe_layers", "eos_token_ids"):
+            d[key] = tuple(d.get(key, ()))
+        return cls(**d)
+
+
+def register_family(model_type: str):
+    """Decorator: register `parse(hf_config_dict) -> ModelConfig` for an HF `model_type`."""
+    def wrap(fn):
+        _PARSERS[model_type] = fn
+        return fn
+    return wrap
+
+
+def supported_model_types() -> tuple[str, ...]:
+    from . import families  # noqa: F401  (registers the parsers)
+    return tuple(sorted(_PARSERS))
+
+
+def from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
+    """Parse an HF `config.json` dict into a ModelConfig."""
+    from . import families  # noqa: F401
+    model_type = hf.get("model_type")
+    if model_type not in _PARSERS:
+        raise ConfigError(
+            f"unsupported model_type {model_type!r}; rewire-jax supports "
+            f"{', '.join(supported_model_types())}")
+    return _PARSERS[model_type](hf).replace(dtype=dtype)
+
+
+def load_hf_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} not found: a model directory needs a config.json")
+    return json.loads(cfg_file.read_text())
+
+
+# -- helpers shared by the family parsers ---------------------------------------------------
+
+def token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in np.atleast_1d(value))
+
+
+def rope_from_hf(hf: dict, dim: int = 0, interleaved: bool = False) -> RopeConfig:
+    """Read rope settings from either the nested `rope_parameters` (transformers 5 saves) or the
+    legacy top-level `rope_theta` + `rope_scaling` (hub files)."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    merged = {**legacy, **params}
+    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rope_type not in ("default", "yarn"):
+        raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
+    kw: dict[str, Any] = dict(theta=float(theta), dim=dim, rope_type=rope_type, interleaved=interleaved)
+    if rope_type == "yarn":
+        orig = merged.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+        factor = merged.get("factor")
+        if factor is None:
+            factor = hf["max_position_embeddings"] / orig
+        kw.update(factor=float(factor), original_max_position_embeddings=int(orig),
+                  beta_fast=float(merged.get("beta_fast") or 32.0),
+                  beta_slow=float(merged.get("beta_slow") or 1.0),
+                  mscale=merged.get("mscale"), mscale_all_dim=merged.get("mscale_all_dim"),
+                  attention_factor=merged.get("attention_factor"),
+                  truncate=bool(merged.get("truncate", True)))
+    return RopeConfig(**kw)

@@ -1,0 +1,149 @@
+"""Pure numerical building blocks shared by every family: norms, RoPE, attention, routing.
+
+Shapes: B batch, T query tokens, S key tokens, H query heads, K kv heads, D head dim,
+E routed experts, k experts per token, d model width.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import RopeConfig
+
+NEG_INF = -1e30  # finite, so fully-masked rows never produce NaN
+
+
+def rms_norm(x, weight, eps: float):
+    """Llama-style RMSNorm: statistics in fp32, cast back to x.dtype *before* the weight."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * weight.astype(x.dtype)
+
+
+# -- RoPE --------------------------------------------------------------------------------------
+
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    """(inv_freq [dim/2] float32, attention_factor) exactly as transformers computes them (fp32)."""
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    pos_freqs = np.power(np.float32(rope.theta), exponents, dtype=np.float32)
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    if rope.rope_type == "default":
+        return inv_freq, 1.0
+    # YaRN (HF _compute_yarn_parameters)
+    factor = rope.factor
+    if rope.attention_factor is not None:
+        attention_factor = float(rope.attention_factor)
+    elif rope.mscale and rope.mscale_all_dim:
+        attention_factor = _yarn_get_mscale(factor, rope.mscale) / _yarn_get_mscale(factor, rope.mscale_all_dim)
+    else:
+        attention_factor = _yarn_get_mscale(factor)
+    orig = rope.original_max_position_embeddings
+
+    def corr_dim(n_rot):
+        return (dim * math.log(orig / (n_rot * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = corr_dim(rope.beta_fast), corr_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation = (np.float32(1) - ramp).astype(np.float32)
+    interp = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    extra = np.float32(1.0) / pos_freqs
+    inv_freq = (interp * (1 - extrapolation) + extra * extrapolation).astype(np.float32)
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(positions, rope: RopeConfig, dim: int):
+    """positions [B, T] int -> (cos, sin) [B, T, dim/2] float32, attention factor folded in."""
+    inv_freq, attn_factor = rope_inv_freq(rope, dim)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor
+
+
+def apply_rope(x, cos, sin, interleaved: bool = False):
+    """x [B, T, N, dim]; cos/sin [B, T, dim/2]. Rotate-half (NeoX) or interleaved pairs."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = xf[..., :half], xf[..., half:]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+def attention_mask(q_pos, k_pos, k_valid=None, window: Optional[int] = None):
+    """Boolean [B, T, S]: key j visible to query i iff k_pos <= q_pos (and inside the window)."""
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    if k_valid is not None:
+        visible &= k_valid[:, None, :]
+    return visible
+
+
+def attend(q, k, v, mask, scale: float, sinks=None):
+    """Grouped-query attention.
+
+    q [B, T, H, D]; k [B, S, K, D]; v [B, S, K, Dv]; mask [B, T, S] bool; sinks [H] or None
+    (gpt-oss: one extra learned logit per head in the softmax denominator). -> [B, T, H, Dv]
+    """
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, H // K, 1, 1), scores.shape[:-1] + (1,))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    else:
+        probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(B, T, H, v.shape[-1])
+
+
+def write_cache(cache, new, start):
+    """cache [B, S, ...]; new [B, T, ...]; start [B] int -> cache with new at rows start[b]:."""
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
+    return jax.vmap(one)(cache, new, start)
+
+
+# -- feed-forward and routing ----------------------------------------------------------------
+
+def swiglu(x, w_gate, w_up, w_down):
+    """Dense SwiGLU: x [..., d]; w_gate/w_up [d, I]; w_down [I, d]."""
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def token_confidence(logits_fp32, idx):
+    """Eq. 2: C^n = -(1/k) sum_{j in chosen top-k} log softmax(z~)_j.  [N, E], [N, k] -> [N]"""
+    logp = jax.nn.log_softmax(logits_fp32, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, idx, axis=-1), axis=-1)
+
+
+def softmax_topk_route(logits_fp32, k: int, norm_topk_prob: bool):
+    """OLMoE / Qwen / Mixtral router: softmax over all E, top-k, optional renormalisation.
+
+    logits [N, E] fp32 (delta already added) -> (weights [N, k] fp32, idx [N, k] int32)
+    """
+    probs = jax.nn.softmax(logits_fp32, axis=-1)
+    weights, idx = jax.lax.top_k(probs, k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, idx
