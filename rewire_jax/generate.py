@@ -1,0 +1,166 @@
+"""Rewired generation: alternate in-context routing optimisation and steered decoding.
+
+    result = rewire_jax.generate(model, ["def fib(n):"], max_new_tokens=256, rewire=RewireOptions())
+
+Cycle (per batch, all sequences in lockstep; each behaves exactly as if alone):
+  phase on the prompt -> prefill with the new deltas -> decode `interval` tokens -> phase on
+  prompt+generated -> prefill (the KV cache must reflect the new deltas) -> decode ... until every
+  sequence hit EOS or max_new_tokens. rewire=None is the baseline (no optimisation at all).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .api import Model, check_token_ids
+from .decode import DecodeState, Sampling, decode, prefill
+from .model import batched_deltas
+from .rewire import RewireOptions, bucket_length, check_finite, init_opt_state, optimise_phase, random_layer_mask
+
+
+@dataclasses.dataclass
+class PhaseRecord:
+    """One optimisation phase. Arrays are per sequence ([B] or [B, L_moe])."""
+
+    index: int
+    context_len: np.ndarray
+    loss_before: np.ndarray
+    loss_after: np.ndarray
+    scores: np.ndarray
+    weights: np.ndarray
+    seconds_optimise: float
+    seconds_prefill: float
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]        # new tokens per sequence (EOS included when emitted)
+    deltas: np.ndarray             # [B, L_moe, E] final deltas
+    phases: list[PhaseRecord]
+    timing: dict[str, float]       # seconds: optimise, prefill, decode, total (+ compile)
+    texts: Optional[list[str]] = None
+
+    def phase_dicts(self, row: int = 0) -> list[dict]:
+        """JSON-friendly per-phase history of one sequence."""
+        return [{"context_len": int(p.context_len[row]), "loss_before": float(p.loss_before[row]),
+                 "loss_after": float(p.loss_after[row]), "scores": p.scores[row].tolist(),
+                 "weights": p.weights[row].tolist()} for p in self.phases if p.context_len[row] > 0]
+
+
+def _prompts_to_ids(model: Model, prompts) -> list[list[int]]:
+    if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        ids = model.encode(p) if isinstance(p, str) else [int(t) for t in p]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token (a text that tokenizes to something)")
+        out.append(ids)
+    if not out:
+        raise ValueError("no prompts given")
+    return out
+
+
+def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Optional[RewireOptions] = None,
+             sampling: Sampling = Sampling(), seed: int = 0, deltas=None, eos_token_id: Any = "config",
+             cache_len: Optional[int] = None, on_segment: Optional[Callable[[int, list[list[int]]], None]] = None,
+             on_phase: Optional[Callable[[PhaseRecord], None]] = None) -> GenerationResult:
+    """Generate with (or, rewire=None / selection='none', without) test-time rerouting.
+
+    prompts: a string, a list of token ids, or a list of either (a batch; lengths may differ).
+    deltas: initial deltas (default zeros), [L_moe, E] or [B, L_moe, E].
+    eos_token_id: 'config' (the model's eos ids), None (never stop early), an int or a list.
+    cache_len: KV cache rows (default: longest prompt + max_new_tokens, rounded up).
+    on_segment(row_count, new_tokens_so_far) is called after every decoded segment (streaming);
+    on_phase(record) after every optimisation phase.
+    """
+    cfg = model.config
+    t_start = time.perf_counter()
+    ids = _prompts_to_ids(model, prompts)
+    check_token_ids(np.concatenate([np.asarray(p) for p in ids]), cfg.vocab_size)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    opts = rewire if (rewire is not None and rewire.enabled) else None
+    B, longest = len(ids), max(len(p) for p in ids)
+    needed = longest + max_new_tokens
+    if cache_len is None:
+        cache_len = bucket_length(needed)
+    elif longest >= cache_len or needed > cache_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} does not "
+                         f"fit in cache_len={cache_len}; raise cache_len or shorten the prompt")
+    eos = cfg.eos_token_ids if eos_token_id == "config" else (
+        () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist()))
+
+    buf = np.zeros((B, cache_len), np.int32)
+    for b, p in enumerate(ids):
+        buf[b, :len(p)] = p
+    lengths = np.array([len(p) for p in ids], np.int32)
+    d = jnp.array(batched_deltas(deltas, B, cfg))
+    check_finite(d)
+    opt_state = init_opt_state(opts, d) if opts else None
+    state = DecodeState(jnp.asarray(buf), jnp.asarray(lengths), None, jnp.zeros(B, bool),
+                        jnp.zeros(B, jnp.int32), jax.random.key(seed))
+    eos_arr = jnp.asarray(np.array(eos, np.int32).reshape(-1))
+    timing = {"optimise": 0.0, "prefill": 0.0, "decode": 0.0}
+    phases: list[PhaseRecord] = []
+    segment = opts.interval if opts and opts.continuous else max_new_tokens
+    if on_segment is not None and not (opts and opts.continuous):
+        segment = min(segment, 32)  # stream the baseline in small chunks
+    cache = None
+
+    while True:
+        done = np.asarray(state.done)
+        if done.all():
+            break
+        need_phase = opts is not None and (not phases or opts.continuous)
+        if need_phase or cache is None:
+            cur = np.asarray(state.lengths)
+            Tb = bucket_length(int(cur.max()), cap=cache_len)
+            ctx = state.buf[:, :Tb]
+            record = None
+            if need_phase:
+                if not opts.persist_optimizer:
+                    opt_state = init_opt_state(opts, d)
+                t0 = time.perf_counter()
+                out = optimise_phase(model.params, d, opt_state, ctx, state.lengths, jnp.asarray(~done),
+                                     jnp.asarray(random_layer_mask(opts, cfg.num_moe_layers, len(phases))), cfg, opts)
+                d, opt_state = out.deltas, out.opt_state
+                check_finite(d)
+                t1 = time.perf_counter()
+                timing["optimise"] += t1 - t0
+                record = PhaseRecord(len(phases), np.where(done, 0, cur), np.asarray(out.loss), None,
+                                     np.asarray(out.scores), np.asarray(out.weights), t1 - t0, 0.0)
+            t0 = time.perf_counter()
+            logits, cache, loss_after = prefill(model.params, ctx, state.lengths, d, cfg, cache_len,
+                                               opts.loss if opts else "mean")
+            logits.block_until_ready()
+            timing["prefill"] += time.perf_counter() - t0
+            state = state._replace(logits=logits)
+            if record is not None:
+                record.loss_after = np.asarray(loss_after)
+                record.seconds_prefill = time.perf_counter() - t0
+                phases.append(record)
+                if on_phase:
+                    on_phase(record)
+        t0 = time.perf_counter()
+        state, cache = decode(model.params, state, cache, d, eos_arr, jnp.int32(max_new_tokens), cfg,
+                              sampling, segment)
+        jax.block_until_ready(state.num_new)
+        timing["decode"] += time.perf_counter() - t0
+        if on_segment:
+            on_segment(*_new_tokens(state, lengths))
+
+    new_tokens = _new_tokens(state, lengths)[1]
+    timing["total"] = time.perf_counter() - t_start
+    texts = [model.decode(t) for t in new_tokens] if model.tokenizer is not None else None
+    return GenerationResult(new_tokens, np.asarray(d), phases, timing, texts)
+
+
+def _new_tokens(state: DecodeState, prompt_lengths) -> tuple[int, list[list[int]]]:
+    buf, lengths = np.asarray(state.buf), np.asarray(state.lengths)
+    return len(buf), [buf[b, prompt_lengths[b]:lengths[b]].tolist() for b in range(len(buf))]
