@@ -17,6 +17,13 @@ from .config import RopeConfig
 NEG_INF = -1e30  # finite, so fully-masked rows never produce NaN
 
 
+def einsum_f32(spec: str, a, b):
+    """einsum with fp32 accumulation/output. XLA:CPU has no bf16 x bf16 -> f32 dot, so upcast there."""
+    if jax.default_backend() == "cpu" and (a.dtype != jnp.float32 or b.dtype != jnp.float32):
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def rms_norm(x, weight, eps: float):
     """Llama-style RMSNorm: statistics in fp32, cast back to x.dtype *before* the weight."""
     x32 = x.astype(jnp.float32)
@@ -106,7 +113,7 @@ def attend(q, k, v, mask, scale: float, sinks=None):
     B, T, H, D = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = einsum_f32("btkgd,bskd->bkgts", qg, k) * scale
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     if sinks is not None:
         sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, H // K, 1, 1), scores.shape[:-1] + (1,))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .layers import einsum_f32
+
 
 def swiglu_experts(h_gate, h_up):
     return jax.nn.silu(h_gate) * h_up
@@ -23,7 +25,7 @@ def dispatch_dense(x, weights, idx, p):
     E = p["gate_proj"].shape[0]
     combine = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32) * weights[..., None], axis=1)  # [N, E]
     h = swiglu_experts(jnp.einsum("nd,edi->nei", x, p["gate_proj"]), jnp.einsum("nd,edi->nei", x, p["up_proj"]))
-    out = jnp.einsum("nei,eid->ned", h, p["down_proj"], preferred_element_type=jnp.float32)
+    out = einsum_f32("nei,eid->ned", h, p["down_proj"])
     return jnp.einsum("ned,ne->nd", out, combine).astype(x.dtype)
 
 
@@ -31,7 +33,7 @@ def dispatch_gather(x, weights, idx, p):
     """Decode path: gather the k chosen experts' weights per token ([N, k, d, I]); cheap when N is tiny."""
     wg, wu, wd = p["gate_proj"][idx], p["up_proj"][idx], p["down_proj"][idx]
     h = swiglu_experts(jnp.einsum("nd,nkdi->nki", x, wg), jnp.einsum("nd,nkdi->nki", x, wu))
-    out = jnp.einsum("nki,nkid->nkd", h, wd, preferred_element_type=jnp.float32)
+    out = einsum_f32("nki,nkid->nkd", h, wd)
     return jnp.einsum("nkd,nk->nd", out, weights.astype(jnp.float32)).astype(x.dtype)
 
 

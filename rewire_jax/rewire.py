@@ -173,19 +173,26 @@ def optimise_phase(params, deltas, opt_state, tokens, lengths, active, random_ma
         # the batch loss is a sum over sequences: each sequence's deltas get their own gradient
         return jnp.sum(jnp.where(active, per_seq, 0.0)), (per_seq, aux["score"])
 
-    (_, (loss0, tok_scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(deltas)
-    scores = layer_scores(tok_scores, lengths, opts.confidence)
-    weights, selected = select_layers(scores, opts, random_mask)
-    selected &= active[:, None]
-    weights = jnp.where(selected, weights, 0.0)
-    deltas, opt_state = masked_adam_update(opts, grads, deltas, opt_state, weights, selected)
+    B, Lm = deltas.shape[:2]
 
-    def body(_, carry):
-        d, s = carry
-        g = jax.grad(lambda x: loss_fn(x)[0])(d)
-        return masked_adam_update(opts, g, d, s, weights, selected)
+    def body(i, carry):
+        d, s, loss0, scores, weights, selected = carry
+        (_, (per_seq, tok_scores)), g = jax.value_and_grad(loss_fn, has_aux=True)(d)
+        # scores and weights come from the first step's forward and stay fixed for the phase
+        first = i == 0
+        new_scores = layer_scores(tok_scores, lengths, opts.confidence)
+        new_w, new_sel = select_layers(new_scores, opts, random_mask)
+        new_sel &= active[:, None]
+        scores = jnp.where(first, new_scores, scores)
+        selected = jnp.where(first, new_sel, selected)
+        weights = jnp.where(first, jnp.where(new_sel, new_w, 0.0), weights)
+        loss0 = jnp.where(first, per_seq, loss0)
+        d, s = masked_adam_update(opts, g, d, s, weights, selected)
+        return d, s, loss0, scores, weights, selected
 
-    deltas, opt_state = jax.lax.fori_loop(1, opts.steps, body, (deltas, opt_state))
+    init = (deltas, opt_state, jnp.zeros(B), jnp.zeros((B, Lm)), jnp.zeros((B, Lm)), jnp.zeros((B, Lm), bool))
+    # one traced copy of forward+backward (not one for step 1 and one for the rest): half the compile
+    deltas, opt_state, loss0, scores, weights, _ = jax.lax.fori_loop(0, opts.steps, body, init)
     return PhaseOutput(deltas, opt_state, loss0, scores, weights)
 
 

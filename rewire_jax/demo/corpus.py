@@ -24,6 +24,7 @@ Layout of the corpus:
 from __future__ import annotations
 
 import ast
+import fnmatch
 import functools
 import hashlib
 import pathlib
@@ -65,6 +66,20 @@ _EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
 
+# Build-specific files: generated at interpreter build time, so their contents
+# (compiler flags, install prefixes, platform triplets) differ between machines
+# running the same Python version. ``_sysconfigdata_*.py`` files (file-name
+# pattern) and everything under a ``config-3.*`` directory (directory-name
+# pattern, e.g. ``config-3.11-x86_64-linux-gnu/python-config.py``).
+_EXCLUDED_FILE_GLOBS = ("_sysconfigdata_*.py",)
+_EXCLUDED_DIR_GLOBS = ("config-3.*",)
+
+
+def _is_build_specific(rel: pathlib.PurePath) -> bool:
+    if any(fnmatch.fnmatchcase(rel.name, pat) for pat in _EXCLUDED_FILE_GLOBS):
+        return True
+    return any(fnmatch.fnmatchcase(part, pat) for part in rel.parts[:-1] for pat in _EXCLUDED_DIR_GLOBS)
+
 
 @functools.lru_cache(maxsize=None)
 def stdlib_root() -> pathlib.Path:
@@ -97,6 +112,8 @@ def _stdlib_files(root: pathlib.Path) -> tuple[pathlib.Path, ...]:
         # would be fine; only test *packages* are dropped).
         if _EXCLUDED_DIRS.intersection(rel.parts[:-1]):
             continue
+        if _is_build_specific(rel):
+            continue
         if rel.as_posix() == PROSE_REL_PATH:
             continue
         if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
@@ -113,7 +130,9 @@ def stdlib_files() -> list[pathlib.Path]:
 
     Excluded: anything under ``site-packages``/``dist-packages``, any ``test``
     or ``tests`` package (this includes ``lib2to3/tests``), ``idlelib/idle_test``,
-    ``__pycache__``, files larger than :data:`MAX_FILE_BYTES`, and
+    ``__pycache__``, build-specific generated files (``_sysconfigdata_*.py``
+    and anything under a ``config-3.*`` directory: they differ between
+    machines), files larger than :data:`MAX_FILE_BYTES`, and
     :data:`PROSE_REL_PATH` (reserved as the prose evaluation set).
 
     Returns:

@@ -1,0 +1,158 @@
+"""`rewire-jax generate`: rewired (or baseline) generation from the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).parent / "demo" / "model"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .rewire import CHOICES, RewireOptions
+
+    d = RewireOptions()
+    p = argparse.ArgumentParser(prog="rewire-jax", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text with test-time rerouting",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--model", default=None,
+                   help="HF model directory or a directory written by `python -m convert` "
+                        "(default: the bundled demo model)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer in the model directory)")
+    src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--baseline", action="store_true", help="no optimisation at all (deltas stay 0)")
+    g.add_argument("--compare", action="store_true", help="run baseline and rewired, print both")
+    g.add_argument("--steps", type=int, default=d.steps, help="Adam steps per phase (n)")
+    g.add_argument("--interval", type=int, default=d.interval, help="tokens between phases (m)")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--eps", type=float, default=d.eps)
+    g.add_argument("--selection", choices=CHOICES["selection"], default=d.selection)
+    g.add_argument("--ratio", type=float, default=d.ratio, help="fraction of layers for hard/random/reverse")
+    g.add_argument("--soft-mode", choices=CHOICES["soft_mode"], default=d.soft_mode)
+    g.add_argument("--confidence", choices=CHOICES["confidence"], default=d.confidence)
+    g.add_argument("--loss", choices=CHOICES["loss"], default=d.loss)
+    g.add_argument("--last-k", type=int, default=d.last_k)
+    g.add_argument("--no-persist-optimizer", action="store_true", help="fresh Adam state every phase")
+    g.add_argument("--no-continuous", action="store_true", help="optimise on the prompt only")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="sampling PRNG seed (and random selection)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--json", metavar="OUT", help="write tokens, text, deltas and phases to this JSON file")
+    g.add_argument("--quiet", action="store_true", help="no streaming / per-phase lines")
+    return p
+
+
+def _options(a):
+    from .rewire import RewireOptions
+
+    return RewireOptions(steps=a.steps, interval=a.interval, lr=a.lr, weight_decay=a.weight_decay, eps=a.eps,
+                         selection=a.selection, ratio=a.ratio, soft_mode=a.soft_mode, confidence=a.confidence,
+                         loss=a.loss, persist_optimizer=not a.no_persist_optimizer,
+                         continuous=not a.no_continuous, last_k=a.last_k, seed=a.seed)
+
+
+def _run(model, prompt, a, rewire, label: str):
+    from .decode import Sampling
+    from .generate import generate
+
+    printed = [0]
+    stream = not a.quiet
+
+    def on_segment(_, toks):
+        if model.tokenizer is None or a.quiet or a.compare:
+            return
+        text = model.decode(toks[0])
+        sys.stdout.write(text[printed[0]:])
+        sys.stdout.flush()
+        printed[0] = len(text)
+
+    def on_phase(r):
+        if not a.quiet:
+            print(f"\n[{label} phase {r.index}] context {int(r.context_len[0])} tokens: "
+                  f"loss {float(r.loss_before[0]):.4f} -> {float(r.loss_after[0]):.4f} "
+                  f"({r.seconds_optimise:.2f}s optimise)", file=sys.stderr, flush=True)
+
+    result = generate(model, [prompt], a.max_new_tokens, rewire=rewire,
+                      sampling=Sampling(a.temperature, a.top_k, a.top_p), seed=a.seed,
+                      on_segment=on_segment if stream else None, on_phase=on_phase)
+    if model.tokenizer is not None and not a.quiet and not a.compare:
+        print()
+    return result
+
+
+def generate_main(a) -> int:
+    import numpy as np
+
+    from .api import load
+
+    model_dir = a.model or DEMO_MODEL
+    if a.model is None and not (DEMO_MODEL / "config.json").exists():
+        print("error: the bundled demo model is missing from this install; pass --model DIR", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    model = load(model_dir, dtype=a.dtype)
+    t_load = time.perf_counter() - t0
+    if a.prompt_ids:
+        try:
+            prompt = [int(t) for t in a.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            print(f"error: --prompt-ids must be comma-separated integers, got {a.prompt_ids!r}", file=sys.stderr)
+            return 2
+    elif a.prompt is not None:
+        if model.tokenizer is None:
+            print(f"error: {model_dir} has no tokenizer; use --prompt-ids", file=sys.stderr)
+            return 2
+        prompt = model.encode(a.prompt)
+    else:
+        print("error: give --prompt TEXT or --prompt-ids 1,2,3", file=sys.stderr)
+        return 2
+    opts = _options(a)
+    if a.prompt is not None and not a.quiet and not a.compare and model.tokenizer is not None:
+        sys.stdout.write(a.prompt)
+    runs = {}
+    if a.compare or a.baseline:
+        runs["baseline"] = _run(model, prompt, a, None, "baseline")
+    if not a.baseline:
+        runs["rewired"] = _run(model, prompt, a, opts, "rewired")
+    if a.compare:
+        for name, r in runs.items():
+            body = r.texts[0] if r.texts else " ".join(map(str, r.tokens[0]))
+            print(f"\n===== {name} ({len(r.tokens[0])} tokens, {r.timing['total']:.1f}s) =====")
+            print((a.prompt or "") + body)
+        for p in runs["rewired"].phase_dicts():
+            print(f"phase @ {p['context_len']:>5} tokens: loss {p['loss_before']:.4f} -> {p['loss_after']:.4f}")
+    main_run = runs.get("rewired", runs.get("baseline"))
+    if a.json:
+        out = {"tokens": main_run.tokens[0], "text": main_run.texts[0] if main_run.texts else None,
+               "deltas": np.asarray(main_run.deltas[0]).tolist(), "moe_layers": list(model.config.moe_layers),
+               "phases": main_run.phase_dicts(),
+               "timing": {**main_run.timing, "load": t_load}, "options": None if a.baseline else vars(opts)}
+        out["timing"]["wall"] = time.perf_counter() - t0
+        if a.compare:
+            b = runs["baseline"]
+            out["baseline"] = {"tokens": b.tokens[0], "text": b.texts[0] if b.texts else None}
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        if a.command == "generate":
+            return generate_main(a)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

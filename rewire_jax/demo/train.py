@@ -1,0 +1,523 @@
+"""Train the demo MoE: a small OLMoE-architecture LM on the running interpreter's standard library.
+
+    python -m rewire_jax.demo.train --out DIR [--steps N] [--batch-size B] ...
+
+Everything is deterministic given the flags: the tokenizer is trained on the training split
+(`demo/corpus.py`), the batch order comes from `demo/data.py` with a fixed seed, and the params
+are initialised from a fixed key. The model is the project's own Flax `Transformer`
+(`rewire_jax.model`), trained with optax AdamW (linear warmup + cosine decay, global-norm gradient
+clipping) on
+
+    loss = next-token cross-entropy
+         + aux_loss_coef * load-balancing loss   (Switch / OLMoE: E * sum_e f_e * P_e per layer,
+                                                   f_e = fraction of top-k slots routed to e,
+                                                   P_e = mean router probability; averaged over
+                                                   layers; = k when perfectly balanced)
+         + z_loss_coef   * router z-loss         (mean logsumexp(router logits)^2)
+
+computed from the model's router aux (`aux["logits"]`, `aux["idx"]`) with zero deltas.
+
+Written to DIR (atomically, via `rewire_jax.export.save_hf`): config.json, model.safetensors,
+the tokenizer files, MODEL_CARD.md, metrics.jsonl (the loss curve) and loss_curve.png (only if
+matplotlib is installed). A directory `DIR.work/` next to it keeps the tokenizer of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rewire_jax.config import ModelConfig, RopeConfig
+from rewire_jax.demo import corpus, data
+from rewire_jax.demo import tokenizer as demo_tokenizer
+from rewire_jax.export import save_hf
+from rewire_jax.model import forward, init_params, zero_deltas
+
+PROMPT = "def fibonacci(n):\n"
+
+#: CPU timing of the default model/batch shape, measured with `--steps 40 --eval-every 20` on the
+#: project's 2-core development machine (AMD EPYC, JAX 0.10.2 CPU, cores shared with other jobs):
+#: steady steps/s (eval included) and the fixed cost outside the step loop (data preparation,
+#: compilation, final evaluation and sample). The model card extrapolates from it.
+CPU_REFERENCE = {"steps_per_s": 0.379, "fixed_s": 75.0,
+                 "machine": "2-core AMD EPYC (shared), JAX 0.10.2 on CPU",
+                 "shape": dict(vocab_size=4096, hidden_size=192, num_layers=4, num_heads=4,
+                               num_experts=16, top_k=2, expert_width=64, batch_size=16, seq_len=256)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    # model
+    vocab_size: int = 4096
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_experts: int = 16
+    top_k: int = 2
+    expert_width: int = 64
+    rope_theta: float = 10000.0
+    # optimisation
+    steps: int = 1200
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 60
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    seed: int = 0
+    # evaluation / logging
+    eval_every: int = 200
+    eval_windows: int = 32        # held-out and prose windows per periodic evaluation
+    final_eval_windows: int = 256  # ... for the final evaluation (model card numbers)
+    log_every: int = 10
+    sample_tokens: int = 96       # greedy continuation of PROMPT for the model card
+    max_files: int = 0            # 0: the whole corpus; n: an evenly spaced subset (tests)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            model_type="olmoe", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_heads,
+            head_dim=self.hidden_size // self.num_heads, num_experts=self.num_experts,
+            num_experts_per_tok=self.top_k, moe_intermediate_size=self.expert_width,
+            moe_layers=tuple(range(self.num_layers)), norm_topk_prob=False, rms_norm_eps=1e-5,
+            rope=RopeConfig(theta=self.rope_theta), qk_norm="flat",
+            max_position_embeddings=max(1024, self.seq_len),
+            eos_token_ids=(demo_tokenizer.EOS_ID,), pad_token_id=demo_tokenizer.PAD_ID,
+            bos_token_id=None)
+
+
+# -- losses -------------------------------------------------------------------------------------
+
+def router_losses(router_logits, idx, num_experts: int):
+    """router_logits [B, L, T, E] fp32; idx [B, L, T, k] -> (load-balancing loss, z-loss) scalars."""
+    probs = jax.nn.softmax(router_logits, axis=-1)
+    # f[l, e]: fraction of (token, slot) pairs per token routed to e (sums to k over e).
+    f = jnp.mean(jnp.sum(jax.nn.one_hot(idx, num_experts, dtype=jnp.float32), axis=-2), axis=(0, 2))
+    p = jnp.mean(probs, axis=(0, 2))  # [L, E]
+    lb = num_experts * jnp.mean(jnp.sum(f * p, axis=-1))
+    z = jnp.mean(jax.nn.logsumexp(router_logits, axis=-1) ** 2)
+    return lb, z
+
+
+def token_ce(logits, targets):
+    """logits [B, T, V] fp32, targets [B, T] -> per-token cross-entropy [B, T]."""
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+def loss_fn(params, batch, cfg: ModelConfig, aux_coef: float, z_coef: float):
+    tokens, targets = batch[:, :-1], batch[:, 1:]
+    logits, aux = forward(params, tokens, zero_deltas(cfg, tokens.shape[0]), cfg)
+    ce = jnp.mean(token_ce(logits, targets))
+    lb, z = router_losses(aux["logits"], aux["idx"], cfg.num_experts)
+    return ce + aux_coef * lb + z_coef * z, {"ce": ce, "lb": lb, "z": z}
+
+
+def make_optimizer(tc: TrainConfig):
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms
+    opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                      optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8,
+                                  weight_decay=tc.weight_decay, mask=decay_mask))
+    return opt, schedule
+
+
+def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch, cfg, tc.aux_loss_coef, tc.z_loss_coef)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+    return train_step
+
+
+def make_eval_step(cfg: ModelConfig):
+    @jax.jit
+    def eval_step(params, batch, row_weight):
+        """batch [B, T+1], row_weight [B] (0 for padding rows) -> (weighted sum of token CE,
+        weighted expert counts [L, E] over the batch's tokens)."""
+        tokens, targets = batch[:, :-1], batch[:, 1:]
+        logits, aux = forward(params, tokens, zero_deltas(cfg, tokens.shape[0]), cfg)
+        ce = jnp.sum(token_ce(logits, targets) * row_weight[:, None])
+        onehot = jax.nn.one_hot(aux["idx"], cfg.num_experts, dtype=jnp.float32)  # [B, L, T, k, E]
+        counts = jnp.einsum("bltke,b->le", onehot, row_weight)
+        return ce, counts
+    return eval_step
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+def eval_windows(stream: np.ndarray, seq_len: int, n: int) -> np.ndarray:
+    """n non-overlapping windows of seq_len + 1 tokens, evenly spaced over the stream -> [n', T+1]."""
+    w = seq_len + 1
+    avail = stream.shape[0] // w
+    if avail < 1:
+        raise ValueError(f"evaluation stream of {stream.shape[0]} tokens is shorter than {w}")
+    picks = np.unique(np.linspace(0, avail - 1, num=min(n, avail)).round().astype(np.int64))
+    return np.stack([stream[i * w:(i + 1) * w] for i in picks]).astype(np.int32)
+
+
+def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, num_layers: int, num_experts: int):
+    """Mean token CE over the windows and the expert counts [L, E]. Batches have a fixed shape (one
+    compilation): the last one is padded with zero-weight copies of the first window."""
+    total = 0.0
+    counts = np.zeros((num_layers, num_experts))
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start:start + batch_size]
+        real = len(chunk)
+        weight = np.zeros(batch_size, np.float32)
+        weight[:real] = 1.0
+        if real < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(windows[:1], batch_size - real, 0)])
+        s, c = eval_step(params, chunk, weight)
+        total += float(s)
+        counts += np.asarray(c, np.float64)
+    return total / (len(windows) * (windows.shape[1] - 1)), counts
+
+
+def balance_stats(counts: np.ndarray) -> dict:
+    """Expert load per layer (counts [L, E]) -> max/mean, min/mean and normalised entropy."""
+    load = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
+    E = counts.shape[1]
+    ent = -np.sum(np.where(load > 0, load * np.log(np.maximum(load, 1e-30)), 0.0), axis=1) / math.log(E)
+    return {"max_over_mean": (load.max(axis=1) * E).round(3).tolist(),
+            "min_over_mean": (load.min(axis=1) * E).round(3).tolist(),
+            "norm_entropy": ent.round(4).tolist()}
+
+
+def unigram_ce(train_stream: np.ndarray, windows: np.ndarray, vocab: int) -> float:
+    """Cross-entropy (nats/token) of the windows' targets under the add-one-smoothed unigram
+    distribution of the training stream: the baseline a model must beat."""
+    counts = np.bincount(train_stream, minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[windows[:, 1:]].mean())
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def _subset(files, n):
+    if not n or n >= len(files):
+        return list(files)
+    return [files[i] for i in np.unique(np.linspace(0, len(files) - 1, n).round().astype(int))]
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def active_param_count(cfg: ModelConfig, params) -> int:
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return param_count(params) - cfg.num_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+
+
+def greedy_sample(cfg, params, tok_dir: Path, prompt: str, n: int) -> str:
+    from rewire_jax.api import Model
+    from rewire_jax.api import load_tokenizer
+    from rewire_jax.generate import generate
+
+    model = Model(cfg, params, load_tokenizer(tok_dir))
+    res = generate(model, prompt, max_new_tokens=n, eos_token_id=None)
+    return model.decode(res.tokens[0])
+
+
+def cpu_reference_note(tc: TrainConfig) -> str:
+    """'The same command on a 2-core CPU takes ~X min' for the measured shape, else ''."""
+    ref = CPU_REFERENCE
+    if any(getattr(tc, k) != v for k, v in ref["shape"].items()):
+        return ""
+    minutes = (tc.steps / ref["steps_per_s"] + ref["fixed_s"]) / 60
+    return (f"The same command on a {ref['machine']} takes ~{minutes:.0f} min: it ran at "
+            f"{ref['steps_per_s']:.2f} steps/s ({1 / ref['steps_per_s']:.1f} s/step) in a measured "
+            f"40-step run of this shape, plus ~{ref['fixed_s'] / 60:.0f} min of data preparation, "
+            f"compilation and evaluation.")
+
+
+def device_description() -> str:
+    d = jax.devices()[0]
+    kind = getattr(d, "device_kind", "") or ""
+    if d.platform == "cpu":
+        import os
+        return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+    return f"{d.platform.upper()} ({kind})"
+
+
+def train(tc: TrainConfig, log=print) -> dict:
+    t_start = time.time()
+    out = Path(tc.out).absolute()
+    work = out.parent / (out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = tc.model_config()
+
+    # data: tokenizer trained on the training split only; deterministic batches.
+    train_files = _subset(corpus.train_files(), tc.max_files)
+    heldout_files = _subset(corpus.heldout_files(), tc.max_files)
+    tok_dir = work / "tokenizer"
+    tok = demo_tokenizer.train_tokenizer(tc.vocab_size, out_dir=tok_dir, files=train_files)
+    if len(tok) != tc.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens, expected vocab_size={tc.vocab_size}")
+    train_stream = data.encode_files(tok, train_files)
+    heldout_stream = data.encode_files(tok, heldout_files)
+    prose_stream = data.encode_texts(tok, [corpus.prose_text()])[0]
+    held_small = eval_windows(heldout_stream, tc.seq_len, tc.eval_windows)
+    prose_small = eval_windows(prose_stream, tc.seq_len, tc.eval_windows)
+    held_final = eval_windows(heldout_stream, tc.seq_len, tc.final_eval_windows)
+    prose_final = eval_windows(prose_stream, tc.seq_len, tc.final_eval_windows)
+    baseline = {"heldout": unigram_ce(train_stream, held_final, tc.vocab_size),
+                "prose": unigram_ce(train_stream, prose_final, tc.vocab_size)}
+    t_data = time.time() - t_start
+    log(f"data: {len(train_files)} train files ({train_stream.size:,} tokens), {len(heldout_files)} "
+        f"held-out files ({heldout_stream.size:,}), prose {prose_stream.size:,} tokens; unigram "
+        f"baseline held-out {baseline['heldout']:.3f} prose {baseline['prose']:.3f} ({t_data:.1f}s)")
+
+    params = init_params(cfg, jax.random.key(tc.seed))
+    opt, schedule = make_optimizer(tc)
+    opt_state = opt.init(params)
+    train_step, eval_step = make_train_step(cfg, tc, opt), make_eval_step(cfg)
+    n_params = param_count(params)
+    log(f"model: {n_params:,} params ({active_param_count(cfg, params):,} active per token) on "
+        f"{device_description()}")
+
+    metrics_path = work / "metrics.jsonl"
+    metrics_f = metrics_path.open("w")
+
+    def record(row):
+        metrics_f.write(json.dumps(row) + "\n")
+        metrics_f.flush()
+
+    def run_eval(step, held, prose):
+        h, counts = evaluate(eval_step, params, held, tc.batch_size, cfg.num_layers, cfg.num_experts)
+        p, _ = evaluate(eval_step, params, prose, tc.batch_size, cfg.num_layers, cfg.num_experts)
+        bal = balance_stats(counts)
+        record({"kind": "eval", "step": step, "heldout_loss": h, "prose_loss": p,
+                "tokens": step * tc.batch_size * tc.seq_len, "windows": len(held), **bal})
+        log(f"eval step {step}: held-out {h:.4f} prose {p:.4f} | expert max/mean "
+            f"{bal['max_over_mean']} entropy {bal['norm_entropy']}")
+        return h, p, bal
+
+    batches = data.batches(train_stream, tc.batch_size, tc.seq_len, tc.seed)
+    t_train = time.time()
+    t_first_step = None
+    recent: list[dict] = []
+    for step in range(1, tc.steps + 1):
+        params, opt_state, m = train_step(params, opt_state, jnp.asarray(next(batches)))
+        if step == 1:
+            jax.block_until_ready(m["loss"])
+            t_first_step = time.time() - t_train  # includes compilation
+            t_after_first = time.time()
+        if step % tc.log_every == 0 or step == tc.steps or step == 1:
+            m = {k: float(v) for k, v in m.items()}
+            recent.append(m)
+            elapsed = time.time() - t_train
+            record({"kind": "train", "step": step, "lr": float(schedule(step - 1)),
+                    "tokens": step * tc.batch_size * tc.seq_len, "elapsed_s": round(elapsed, 2), **m})
+            rate = (step - 1) / max(time.time() - t_after_first, 1e-9) if step > 1 else 0.0
+            log(f"step {step}/{tc.steps}: loss {m['loss']:.4f} ce {m['ce']:.4f} lb {m['lb']:.3f} "
+                f"z {m['z']:.2f} |g| {m['grad_norm']:.2f} ({rate:.2f} steps/s)")
+        if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
+            run_eval(step, held_small, prose_small)
+    jax.block_until_ready(params)
+    t_loop = time.time() - t_train
+    steady = (tc.steps - 1) / max(time.time() - t_after_first, 1e-9) if tc.steps > 1 else float("nan")
+
+    final_train = float(np.mean([r["ce"] for r in recent[-5:]]))
+    held_loss, prose_loss, bal = run_eval(tc.steps, held_final, prose_final)
+    metrics_f.close()
+    sample = greedy_sample(cfg, params, tok_dir, PROMPT, tc.sample_tokens) if tc.sample_tokens else ""
+    wall = time.time() - t_start
+
+    summary = {
+        "model_config": {k: v for k, v in dataclasses.asdict(tc).items() if k != "out"},
+        "params": n_params, "active_params": active_param_count(cfg, params),
+        "tokens_seen": tc.steps * tc.batch_size * tc.seq_len,
+        "train_loss": final_train, "heldout_loss": held_loss, "prose_loss": prose_loss,
+        "unigram_baseline": baseline, "balance_heldout": bal,
+        "heldout_eval_tokens": int(held_final.shape[0] * tc.seq_len),
+        "prose_eval_tokens": int(prose_final.shape[0] * tc.seq_len),
+        "wall_time_s": round(wall, 1), "train_loop_s": round(t_loop, 1),
+        "first_step_s": round(t_first_step, 2), "steps_per_s": round(steady, 4),
+        "data_prep_s": round(t_data, 1), "device": device_description(),
+        "jax_version": jax.__version__, "python": platform.python_version(),
+        "corpus_fingerprint": corpus.corpus_fingerprint(), "train_files": len(train_files),
+        "heldout_files": len(heldout_files), "train_stream_tokens": int(train_stream.size),
+        "sample_prompt": PROMPT, "sample": sample, "cpu_note": cpu_reference_note(tc),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m rewire_jax.demo.train " + " ".join(_cli_args(tc)),
+    }
+    extra = {"MODEL_CARD.md": model_card(cfg, tc, summary),
+             "metrics.jsonl": metrics_path.read_text(),
+             "train_summary.json": json.dumps(summary, indent=2) + "\n"}
+    png = loss_curve_png(metrics_path)
+    if png is not None:
+        extra["loss_curve.png"] = png
+    save_hf(cfg, params, out, tokenizer=tok_dir, extra_files=extra)
+    log(f"wrote {out} ({wall:.0f}s): train {final_train:.4f} held-out {held_loss:.4f} prose "
+        f"{prose_loss:.4f}; sample:\n{PROMPT}{sample}")
+    return summary
+
+
+def loss_curve_png(metrics_path: Path) -> Optional[bytes]:
+    """Train / held-out / prose loss curve as PNG bytes, or None when matplotlib is missing."""
+    try:
+        import io
+
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    tr = [(r["step"], r["ce"]) for r in rows if r["kind"] == "train"]
+    ev = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(*zip(*tr), label="train CE")
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["heldout_loss"] for r in ev], "o-", label="held-out stdlib")
+        ax.plot([r["step"] for r in ev], [r["prose_loss"] for r in ev], "s-", label="prose (pydoc topics)")
+    ax.set_xlabel("step"), ax.set_ylabel("nats / token"), ax.set_ylim(bottom=0), ax.legend(), ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def model_card(cfg: ModelConfig, tc: TrainConfig, s: dict) -> str:
+    bal = s["balance_heldout"]
+    rows = "\n".join(f"| {i} | {bal['max_over_mean'][i]:.2f} | {bal['min_over_mean'][i]:.2f} | "
+                     f"{bal['norm_entropy'][i]:.3f} |" for i in range(cfg.num_layers))
+    cpu_note = s.get("cpu_note") or "No CPU timing was measured for this model shape."
+    return f"""# rewire-jax demo MoE (OLMoE architecture, trained on the Python stdlib)
+
+A deliberately small Mixture-of-Experts language model that rewire-jax trains itself, so that the
+examples and tests have a real (non-random) MoE with meaningful routing without downloading
+anything. It is an HF-format `olmoe` checkpoint: `transformers.OlmoeForCausalLM.from_pretrained`
+and `rewire_jax.load` both read this directory.
+
+## Architecture
+
+| | |
+|---|---|
+| layers | {cfg.num_layers} (every layer MoE) |
+| hidden size | {cfg.hidden_size} |
+| attention heads | {cfg.num_heads} (head dim {cfg.head_dim}, flat q/k RMSNorm, RoPE theta {cfg.rope.theta:g}) |
+| experts | {cfg.num_experts} routed, top-{cfg.num_experts_per_tok}, softmax router, no renormalisation |
+| expert width | {cfg.moe_intermediate_size} (SwiGLU) |
+| vocabulary | {cfg.vocab_size} (byte-level BPE, `<|endoftext|>`=0, `<|pad|>`=1) |
+| parameters | {s['params']:,} total, {s['active_params']:,} active per token |
+| weights | float32 safetensors |
+
+## Data
+
+- Training text: the `.py` files of the CPython {s['python']} standard library that trained it
+  ({s['train_files']} files after the exclusions in `rewire_jax/demo/corpus.py`: tests,
+  site-packages, build-specific files, files > 1 MB, held-out split), {s['train_stream_tokens']:,}
+  tokens, documents separated by `<|endoftext|>`.
+- Corpus fingerprint (sha256 of relative path + size of each training file):
+  `{s['corpus_fingerprint']}`.
+- Held-out code: the ~5% of stdlib files with `sha256(rel_path) % 20 == 0` ({s['heldout_files']} files),
+  never seen by the tokenizer or the model.
+- Prose: `pydoc_data/topics.py` (the language reference as English text), in neither split:
+  a shifted-domain evaluation set.
+
+## Training
+
+`{s['command']}`
+
+- {tc.steps} steps x batch {tc.batch_size} x {tc.seq_len} tokens = {s['tokens_seen']:,} tokens
+  seen (random windows of the packed training stream, numpy seed {tc.seed}).
+- AdamW (b1 0.9, b2 0.95, weight decay {tc.weight_decay} on matrices), peak lr {tc.lr:g} with
+  {tc.warmup_steps} warmup steps and cosine decay to {tc.lr * tc.min_lr_ratio:g}; gradient
+  clipping at global norm {tc.grad_clip:g}; float32.
+- Loss: next-token cross-entropy + {tc.aux_loss_coef:g} x load-balancing loss (Switch/OLMoE form
+  `E * sum_e f_e P_e` per layer, averaged over layers; balanced = {cfg.num_experts_per_tok})
+  + {tc.z_loss_coef:g} x router z-loss.
+- Trained on: {s['device']}, JAX {s['jax_version']}; wall time {s['wall_time_s'] / 60:.1f} min
+  (training loop {s['train_loop_s'] / 60:.1f} min, {s['steps_per_s']:.2f} steps/s after compilation).
+- {cpu_note}
+
+## Results (nats per token)
+
+| | this model | unigram baseline |
+|---|---|---|
+| train (last logged steps, CE) | {s['train_loss']:.3f} | |
+| held-out stdlib code ({s['heldout_eval_tokens']:,} tokens) | {s['heldout_loss']:.3f} | {s['unigram_baseline']['heldout']:.3f} |
+| prose, pydoc topics ({s['prose_eval_tokens']:,} tokens) | {s['prose_loss']:.3f} | {s['unigram_baseline']['prose']:.3f} |
+
+The unigram baseline is the add-one-smoothed token frequency of the training stream.
+
+### Expert balance on the held-out code tokens
+
+Load = share of the top-{cfg.num_experts_per_tok} routing slots each expert receives; 1.0 is perfectly even.
+
+| layer | max / mean load | min / mean load | normalised entropy |
+|---|---|---|---|
+{rows}
+
+## Sample (greedy, no rewiring)
+
+```python
+{s['sample_prompt']}{s['sample']}
+```
+
+## Limitations
+
+A toy: {s['params'] / 1e6:.1f}M parameters trained for minutes on one small corpus. It writes
+Python-looking code with plausible structure but is not a useful code model. It is meant for
+demonstrating and testing test-time rerouting, not for any downstream use.
+"""
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _cli_args(tc: TrainConfig) -> list[str]:
+    """The flags that reproduce tc (those that differ from the defaults, plus --out)."""
+    args = ["--out", Path(tc.out).name]
+    for name, f in _FIELDS.items():
+        if name != "out" and getattr(tc, name) != f.default:
+            args += ["--" + name.replace("_", "-"), str(getattr(tc, name))]
+    return args
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="python -m rewire_jax.demo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output HF model directory")
+    for name, f in _FIELDS.items():
+        if name == "out":
+            continue
+        p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"(default {f.default})")
+    ns = p.parse_args(argv)
+    return TrainConfig(**vars(ns))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    tc = parse_args(argv)
+    return train(tc, log=lambda msg: print(msg, flush=True))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
