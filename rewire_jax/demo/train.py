@@ -46,7 +46,10 @@ from rewire_jax.demo import tokenizer as demo_tokenizer
 from rewire_jax.export import save_hf
 from rewire_jax.model import forward, init_params, zero_deltas
 
-PROMPT = "def fibonacci(n):\n"
+#: Greedy samples for the model card. A prompt ending in "\n" stops at a token boundary the
+#: tokenizer never produces inside code (it merges "\n" with the next line's indentation), so the
+#: second prompt shows the more natural continuation of the same line.
+PROMPTS = ("def fibonacci(n):\n", "def fibonacci(n):", "import os\n\ndef read_config(path):")
 
 #: CPU timing of the default model/batch shape, measured with `--steps 40 --eval-every 20` on the
 #: project's 2-core development machine (AMD EPYC, JAX 0.10.2 CPU, cores shared with other jobs):
@@ -87,7 +90,7 @@ class TrainConfig:
     eval_windows: int = 32        # held-out and prose windows per periodic evaluation
     final_eval_windows: int = 256  # ... for the final evaluation (model card numbers)
     log_every: int = 10
-    sample_tokens: int = 96       # greedy continuation of PROMPT for the model card
+    sample_tokens: int = 96       # new tokens per greedy sample (PROMPTS) in the card
     max_files: int = 0            # 0: the whole corpus; n: an evenly spaced subset (tests)
 
     def model_config(self) -> ModelConfig:
@@ -140,6 +143,11 @@ def make_optimizer(tc: TrainConfig):
     return opt, schedule
 
 
+def _global_norm(tree):
+    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.6
+    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
+
+
 def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch):
@@ -147,7 +155,7 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
             params, batch, cfg, tc.aux_loss_coef, tc.z_loss_coef)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+        return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads), **parts}
     return train_step
 
 
@@ -230,14 +238,14 @@ def active_param_count(cfg: ModelConfig, params) -> int:
     return param_count(params) - cfg.num_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
 
 
-def greedy_sample(cfg, params, tok_dir: Path, prompt: str, n: int) -> str:
-    from rewire_jax.api import Model
-    from rewire_jax.api import load_tokenizer
+def greedy_samples(cfg, params, tok_dir: Path, prompts: Sequence[str], n: int) -> list[dict]:
+    """Greedy continuations (n new tokens, no early stop, no rewiring) via rewire_jax.generate."""
+    from rewire_jax.api import Model, load_tokenizer
     from rewire_jax.generate import generate
 
     model = Model(cfg, params, load_tokenizer(tok_dir))
-    res = generate(model, prompt, max_new_tokens=n, eos_token_id=None)
-    return model.decode(res.tokens[0])
+    res = generate(model, list(prompts), max_new_tokens=n, eos_token_id=None)
+    return [{"prompt": p, "continuation": model.decode(t)} for p, t in zip(prompts, res.tokens)]
 
 
 def cpu_reference_note(tc: TrainConfig) -> str:
@@ -317,16 +325,20 @@ def train(tc: TrainConfig, log=print) -> dict:
     batches = data.batches(train_stream, tc.batch_size, tc.seq_len, tc.seed)
     t_train = time.time()
     t_first_step = None
-    recent: list[dict] = []
+    pending: list[dict] = []  # device scalars of the steps since the last log line (no sync)
+    last_ce: list = []  # per-step train CE of the last 50 steps, for the final train loss
     for step in range(1, tc.steps + 1):
         params, opt_state, m = train_step(params, opt_state, jnp.asarray(next(batches)))
+        pending.append(m)
+        last_ce = (last_ce + [m["ce"]])[-50:]
         if step == 1:
             jax.block_until_ready(m["loss"])
             t_first_step = time.time() - t_train  # includes compilation
             t_after_first = time.time()
         if step % tc.log_every == 0 or step == tc.steps or step == 1:
-            m = {k: float(v) for k, v in m.items()}
-            recent.append(m)
+            # Logged values are means over the steps since the previous line (smoother curve).
+            m = {k: float(np.mean([float(x[k]) for x in pending])) for k in pending[0]}
+            pending = []
             elapsed = time.time() - t_train
             record({"kind": "train", "step": step, "lr": float(schedule(step - 1)),
                     "tokens": step * tc.batch_size * tc.seq_len, "elapsed_s": round(elapsed, 2), **m})
@@ -339,10 +351,10 @@ def train(tc: TrainConfig, log=print) -> dict:
     t_loop = time.time() - t_train
     steady = (tc.steps - 1) / max(time.time() - t_after_first, 1e-9) if tc.steps > 1 else float("nan")
 
-    final_train = float(np.mean([r["ce"] for r in recent[-5:]]))
+    final_train = float(np.mean([float(x) for x in last_ce]))
     held_loss, prose_loss, bal = run_eval(tc.steps, held_final, prose_final)
     metrics_f.close()
-    sample = greedy_sample(cfg, params, tok_dir, PROMPT, tc.sample_tokens) if tc.sample_tokens else ""
+    samples = greedy_samples(cfg, params, tok_dir, PROMPTS, tc.sample_tokens) if tc.sample_tokens else []
     wall = time.time() - t_start
 
     summary = {
@@ -359,7 +371,7 @@ def train(tc: TrainConfig, log=print) -> dict:
         "jax_version": jax.__version__, "python": platform.python_version(),
         "corpus_fingerprint": corpus.corpus_fingerprint(), "train_files": len(train_files),
         "heldout_files": len(heldout_files), "train_stream_tokens": int(train_stream.size),
-        "sample_prompt": PROMPT, "sample": sample, "cpu_note": cpu_reference_note(tc),
+        "samples": samples, "cpu_note": cpu_reference_note(tc),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m rewire_jax.demo.train " + " ".join(_cli_args(tc)),
     }
@@ -371,7 +383,9 @@ def train(tc: TrainConfig, log=print) -> dict:
         extra["loss_curve.png"] = png
     save_hf(cfg, params, out, tokenizer=tok_dir, extra_files=extra)
     log(f"wrote {out} ({wall:.0f}s): train {final_train:.4f} held-out {held_loss:.4f} prose "
-        f"{prose_loss:.4f}; sample:\n{PROMPT}{sample}")
+        f"{prose_loss:.4f}")
+    for sample in samples:
+        log(f"--- greedy sample ---\n{sample['prompt']}{sample['continuation']}")
     return summary
 
 
@@ -405,6 +419,8 @@ def model_card(cfg: ModelConfig, tc: TrainConfig, s: dict) -> str:
     bal = s["balance_heldout"]
     rows = "\n".join(f"| {i} | {bal['max_over_mean'][i]:.2f} | {bal['min_over_mean'][i]:.2f} | "
                      f"{bal['norm_entropy'][i]:.3f} |" for i in range(cfg.num_layers))
+    samples = "\n".join(f"Prompt `{x['prompt']!r}`:\n\n```python\n{x['prompt']}{x['continuation']}\n```\n"
+                        for x in s["samples"]) or "(none)"
     cpu_note = s.get("cpu_note") or "No CPU timing was measured for this model shape."
     return f"""# rewire-jax demo MoE (OLMoE architecture, trained on the Python stdlib)
 
@@ -459,7 +475,7 @@ and `rewire_jax.load` both read this directory.
 
 | | this model | unigram baseline |
 |---|---|---|
-| train (last logged steps, CE) | {s['train_loss']:.3f} | |
+| train (mean CE of the last 50 steps) | {s['train_loss']:.3f} | |
 | held-out stdlib code ({s['heldout_eval_tokens']:,} tokens) | {s['heldout_loss']:.3f} | {s['unigram_baseline']['heldout']:.3f} |
 | prose, pydoc topics ({s['prose_eval_tokens']:,} tokens) | {s['prose_loss']:.3f} | {s['unigram_baseline']['prose']:.3f} |
 
@@ -473,17 +489,19 @@ Load = share of the top-{cfg.num_experts_per_tok} routing slots each expert rece
 |---|---|---|---|
 {rows}
 
-## Sample (greedy, no rewiring)
+## Samples (greedy, {tc.sample_tokens} new tokens, no rewiring)
 
-```python
-{s['sample_prompt']}{s['sample']}
-```
+{samples}
 
 ## Limitations
 
 A toy: {s['params'] / 1e6:.1f}M parameters trained for minutes on one small corpus. It writes
 Python-looking code with plausible structure but is not a useful code model. It is meant for
-demonstrating and testing test-time rerouting, not for any downstream use.
+demonstrating and testing test-time rerouting, not for any downstream use. A prompt that ends in
+a newline splits a token the tokenizer would merge with the next line's indentation, so such
+prompts often continue with a new top-level statement. The default learning rate of
+`rewire_jax.demo.train` was picked by comparing the held-out loss of a few runs of this shape,
+so the held-out number is slightly optimistic.
 """
 
 

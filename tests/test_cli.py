@@ -1,0 +1,51 @@
+"""`rewire-jax generate` end to end on a tiny model (in-process and as a subprocess)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+import hf_models
+import rewire_jax
+from rewire_jax import cli
+
+
+def test_generate_json_matches_library(hf_dirs, tmp_path, capsys):
+    _, d = hf_dirs("olmoe")
+    prompt = hf_models.prompt(10)
+    out = tmp_path / "o.json"
+    rc = cli.main(["generate", "--model", str(d), "--prompt-ids", ",".join(map(str, prompt)),
+                   "--max-new-tokens", "12", "--interval", "5", "--selection", "hard", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res) >= {"tokens", "text", "deltas", "moe_layers", "phases", "timing"}
+    assert res["text"] is None and res["moe_layers"] == [0, 1, 2]
+    assert len(res["phases"]) == 3 and {"context_len", "loss_before", "loss_after", "scores", "weights"} <= set(res["phases"][0])
+    lib = rewire_jax.generate(rewire_jax.load(d), [prompt], 12,
+                              rewire=rewire_jax.RewireOptions(interval=5, selection="hard"))
+    assert res["tokens"] == lib.tokens[0]
+    np.testing.assert_allclose(np.array(res["deltas"]), lib.deltas[0], atol=1e-6)
+    assert "phase 0" in capsys.readouterr().err
+
+
+def test_baseline_flag_means_no_optimisation(hf_dirs, tmp_path):
+    _, d = hf_dirs("olmoe")
+    out = tmp_path / "b.json"
+    assert cli.main(["generate", "--model", str(d), "--prompt-ids", "5,6,7", "--max-new-tokens", "6",
+                     "--baseline", "--json", str(out), "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    assert res["phases"] == [] and np.all(np.array(res["deltas"]) == 0)
+
+
+def test_cli_errors_are_clear(hf_dirs, tmp_path):
+    _, d = hf_dirs("olmoe")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "rewire_jax.cli", "generate", *a],
+                                    capture_output=True, text=True)
+    r = run("--model", str(d), "--prompt", "hello")
+    assert r.returncode == 2 and "no tokenizer" in r.stderr
+    r = run("--model", str(d), "--prompt-ids", "1,x")
+    assert r.returncode == 2 and "comma-separated integers" in r.stderr
+    r = run("--model", str(tmp_path / "missing"), "--prompt-ids", "1")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run("--model", str(d), "--prompt-ids", "1", "--selection", "bogus")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
