@@ -1,0 +1,48 @@
+# %% [markdown]
+# # Layer confidence and router entropy (paper Fig. 3 and Fig. 5)
+#
+# Layer confidence `C_l` (Eq. 2-3) decides which layers rewiring updates. Left: its distribution
+# per layer on held-out code vs English prose (does the domain change which layers look
+# "confident"?). Right: router entropy along a generation, baseline vs rewired.
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+
+import rewire_jax
+from rewire_jax import RewireOptions, analysis
+from rewire_jax.cli import DEMO_MODEL
+from rewire_jax.demo import corpus, data
+
+model = rewire_jax.load(DEMO_MODEL)
+cfg = model.config
+code = data.documents(model.tokenizer, corpus.heldout_files(), 128, 128)[:12]
+prose = data.text_documents(model.tokenizer, list(corpus.prose_topics().values()), 128, 128)[:12]
+conf = {name: np.stack([analysis.trace(model, d).layer_confidence for d in docs])
+        for name, docs in (("held-out code", code), ("prose", prose))}
+
+# %%
+fig, ax = plt.subplots(1, 2, figsize=(13, 3.8))
+L = cfg.num_moe_layers
+for i, (name, c) in enumerate(conf.items()):
+    pos = np.arange(L) + (i - 0.5) * 0.35
+    parts = ax[0].violinplot([c[:, l] for l in range(L)], positions=pos, widths=0.3, showmeans=True)
+    parts["bodies"][0].set_label(name)
+ax[0].set(xlabel="MoE layer", ylabel="layer confidence C_l", title="layer confidence by domain")
+ax[0].legend()
+
+prompt = "class LRUCache:\n    def __init__(self, capacity):\n"
+ids = model.encode(prompt)
+base = rewire_jax.generate(model, [ids], 96)
+rew = rewire_jax.generate(model, [ids], 96, rewire=RewireOptions(interval=32))
+ent_base = analysis.trace(model, ids + base.tokens[0]).entropy.mean(0)
+ent_rew = analysis.trace(model, ids + rew.tokens[0], rew.deltas[0]).entropy.mean(0)
+ax[1].plot(ent_base, label="baseline", alpha=0.8)
+ax[1].plot(ent_rew, label="rewired (final deltas)", alpha=0.8)
+ax[1].axvline(len(ids), color="k", ls=":", label="end of prompt")
+ax[1].set(xlabel="token position", ylabel="router entropy (nats, mean over layers)", title="router entropy along a generation")
+ax[1].legend()
+plt.tight_layout()
+plt.show()
+for name, c in conf.items():
+    print(f"{name:14s} mean C_l per layer:", c.mean(0).round(3))
