@@ -19,7 +19,8 @@ computed from the model's router aux (`aux["logits"]`, `aux["idx"]`) with zero d
 
 Written to DIR (atomically, via `rewire_jax.export.save_hf`): config.json, model.safetensors,
 the tokenizer files, MODEL_CARD.md, metrics.jsonl (the loss curve) and loss_curve.png (only if
-matplotlib is installed). A directory `DIR.work/` next to it keeps the tokenizer of the run.
+matplotlib is installed). While it runs, the tokenizer and the growing metrics.jsonl live in a
+temporary directory (or in `--work-dir`, which is kept).
 """
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ import functools
 import json
 import math
 import platform
-import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,14 @@ class TrainConfig:
     log_every: int = 10
     sample_tokens: int = 96       # new tokens per greedy sample (PROMPTS) in the card
     max_files: int = 0            # 0: the whole corpus; n: an evenly spaced subset (tests)
+    work_dir: str = ""            # "": a temporary directory, removed at the end
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError("need steps >= 1, batch_size >= 1 and seq_len >= 2")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} "
+                             "heads of an even size (rotary embeddings)")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
@@ -270,10 +279,18 @@ def device_description() -> str:
 
 
 def train(tc: TrainConfig, log=print) -> dict:
+    """Run the whole recipe; writes the HF directory tc.out and returns the run summary."""
+    if tc.work_dir:
+        work = Path(tc.work_dir).absolute()
+        work.mkdir(parents=True, exist_ok=True)
+        return _train(tc, work, log)
+    with tempfile.TemporaryDirectory(prefix="rewire-demo-train-") as tmp:
+        return _train(tc, Path(tmp), log)
+
+
+def _train(tc: TrainConfig, work: Path, log) -> dict:
     t_start = time.time()
     out = Path(tc.out).absolute()
-    work = out.parent / (out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
     cfg = tc.model_config()
 
     # data: tokenizer trained on the training split only; deterministic batches.
@@ -297,7 +314,8 @@ def train(tc: TrainConfig, log=print) -> dict:
         f"held-out files ({heldout_stream.size:,}), prose {prose_stream.size:,} tokens; unigram "
         f"baseline held-out {baseline['heldout']:.3f} prose {baseline['prose']:.3f} ({t_data:.1f}s)")
 
-    params = init_params(cfg, jax.random.key(tc.seed))
+    # Jitted: eager Flax init dispatches every op separately (seconds, even for a tiny model).
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(tc.seed))
     opt, schedule = make_optimizer(tc)
     opt_state = opt.init(params)
     train_step, eval_step = make_train_step(cfg, tc, opt), make_eval_step(cfg)
@@ -307,6 +325,7 @@ def train(tc: TrainConfig, log=print) -> dict:
 
     metrics_path = work / "metrics.jsonl"
     metrics_f = metrics_path.open("w")
+    log(f"metrics: {metrics_path}")
 
     def record(row):
         metrics_f.write(json.dumps(row) + "\n")
@@ -358,7 +377,7 @@ def train(tc: TrainConfig, log=print) -> dict:
     wall = time.time() - t_start
 
     summary = {
-        "model_config": {k: v for k, v in dataclasses.asdict(tc).items() if k != "out"},
+        "model_config": {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("out", "work_dir")},
         "params": n_params, "active_params": active_param_count(cfg, params),
         "tokens_seen": tc.steps * tc.batch_size * tc.seq_len,
         "train_loss": final_train, "heldout_loss": held_loss, "prose_loss": prose_loss,
@@ -508,13 +527,25 @@ so the held-out number is slightly optimistic.
 # -- CLI ----------------------------------------------------------------------------------------
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HELP = {
+    "expert_width": "SwiGLU width of each routed expert (HF intermediate_size)",
+    "top_k": "experts per token", "steps": "optimizer steps",
+    "lr": "peak AdamW learning rate", "min_lr_ratio": "final lr / peak lr (cosine decay)",
+    "aux_loss_coef": "load-balancing loss weight", "z_loss_coef": "router z-loss weight",
+    "eval_every": "steps between periodic evaluations (0: only the final one)",
+    "eval_windows": "held-out and prose windows per periodic evaluation",
+    "final_eval_windows": "held-out and prose windows for the final evaluation",
+    "sample_tokens": "new tokens per greedy sample in the model card (0: none)",
+    "max_files": "use an evenly spaced subset of this many files per split (0: all)",
+    "work_dir": "keep the tokenizer and metrics.jsonl here (default: a temporary directory)",
+}
 
 
 def _cli_args(tc: TrainConfig) -> list[str]:
     """The flags that reproduce tc (those that differ from the defaults, plus --out)."""
     args = ["--out", Path(tc.out).name]
     for name, f in _FIELDS.items():
-        if name != "out" and getattr(tc, name) != f.default:
+        if name not in ("out", "work_dir") and getattr(tc, name) != f.default:
             args += ["--" + name.replace("_", "-"), str(getattr(tc, name))]
     return args
 
@@ -526,9 +557,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         if name == "out":
             continue
         p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"(default {f.default})")
+                       help=f"{_HELP.get(name, '')} (default {f.default!r})".strip())
     ns = p.parse_args(argv)
-    return TrainConfig(**vars(ns))
+    try:
+        return TrainConfig(**vars(ns))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -538,4 +572,3 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)
