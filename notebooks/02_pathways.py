@@ -39,9 +39,13 @@ u0, u1 = analysis.utilisation(idx0, cfg.num_experts), analysis.utilisation(idx1,
 fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
 ax[0].bar(np.arange(cfg.num_moe_layers), np.mean(per_layer, axis=0))
 ax[0].set(xlabel="MoE layer", ylabel="mean edit distance", title="per-layer pathway edit distance")
-for a, u, t in ((ax[1], u0, "utilisation, deltas 0"), (ax[2], u1 - u0, "utilisation shift (after - before)")):
-    im = a.imshow(u, aspect="auto", cmap="viridis" if a is ax[1] else "coolwarm")
-    a.set(xlabel="expert", ylabel="MoE layer", title=t)
+ax[0].set_xticks(range(cfg.num_moe_layers))
+shift = u1 - u0
+for a, u, t, kw in ((ax[1], u0, "utilisation, deltas 0", dict(cmap="viridis")),
+                    (ax[2], shift, "utilisation shift (after - before)",
+                     dict(cmap="coolwarm", vmin=-np.abs(shift).max(), vmax=np.abs(shift).max()))):
+    im = a.imshow(u, aspect="auto", interpolation="nearest", **kw)
+    a.set(xlabel="expert", ylabel="MoE layer", title=t, yticks=range(cfg.num_moe_layers))
     fig.colorbar(im, ax=a)
 plt.tight_layout()
 plt.show()

@@ -23,7 +23,7 @@ base = E.evaluate(model, docs, PREFIX, CONT, None)
 print("baseline continuation NLL: %.4f" % base.mean())
 
 # %%
-intervals, steps = [16, 32, 64], [1, 3, 5, 10]
+intervals, steps = [16, 64], [1, 5, 10]
 grid = np.array([[np.mean(E.evaluate(model, docs, PREFIX, m, RewireOptions(steps=n, interval=m)) - base)
                   for n in steps] for m in intervals])
 fig, ax = plt.subplots(figsize=(6, 3.6))
