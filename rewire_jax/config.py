@@ -39,6 +39,41 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek multi-head latent attention. q_lora_rank None = a plain q_proj (V2-Lite)."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: Optional[int] = None
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+ROUTERS = ("softmax_topk", "group_limited", "topk_softmax", "sigmoid_group")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """How router logits z~ = x W (+ b) + delta become (weights, experts); see rewire_jax/routers.py.
+
+    kind: 'softmax_topk'  softmax over all E, top-k (OLMoE, Qwen, Mixtral, DeepSeek greedy)
+          'group_limited' DeepSeek-V2: keep the topk_group groups with the largest max p, top-k inside
+          'topk_softmax'  gpt-oss: top-k of the logits, softmax over those k
+          'sigmoid_group' DeepSeek-V3 noaux_tc: sigmoid scores + correction bias, groups by top-2 sums
+    """
+
+    kind: str = "softmax_topk"
+    bias: bool = False                  # gpt-oss router bias
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # DeepSeek: multiplies the combine weights
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only MoE LM (all sizes are per layer unless noted).
 
@@ -70,6 +105,20 @@ class ModelConfig:
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     dtype: str = "float32"  # parameter / activation dtype; router softmax, deltas, loss stay fp32
+    # -- attention variants
+    attention: str = "gqa"  # 'gqa' | 'mla' (DeepSeek; dims in `mla`)
+    mla: Optional[MLAConfig] = None
+    o_proj_bias: bool = False  # gpt-oss
+    attention_sinks: bool = False  # gpt-oss: one learned logit per head in the softmax denominator
+    sliding_window: Optional[int] = None  # keys visible: the last `sliding_window` positions
+    sliding_layers: tuple[int, ...] = ()  # decoder layers that use the window (others: full)
+    # -- MoE variants
+    router: RouterConfig = RouterConfig()
+    expert_activation: str = "silu"  # 'silu' (SwiGLU) | 'gptoss' (clamped, interleaved on disk)
+    expert_bias: bool = False  # gpt-oss: biases on the expert projections
+    swiglu_limit: Optional[float] = None
+    shared_expert_size: int = 0  # width of the always-on shared MLP (0: none)
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x w) scales the shared MLP (no delta)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -84,6 +133,24 @@ class ModelConfig:
             raise ConfigError(f"dtype={self.dtype!r}; use 'float32', 'bfloat16' or 'float16'")
         if any(not 0 <= i < self.num_layers for i in self.moe_layers):
             raise ConfigError(f"moe_layers {self.moe_layers} out of range for {self.num_layers} layers")
+        if self.attention not in ("gqa", "mla") or (self.attention == "mla") != (self.mla is not None):
+            raise ConfigError(f"attention={self.attention!r} needs mla settings exactly when 'mla'")
+        if self.sliding_layers and not self.sliding_window:
+            raise ConfigError(f"sliding_layers {self.sliding_layers} given without a sliding_window")
+        r = self.router
+        if r.kind not in ROUTERS:
+            raise ConfigError(f"router kind {r.kind!r}; expected one of {', '.join(ROUTERS)}")
+        if r.kind in ("group_limited", "sigmoid_group"):
+            if self.num_experts % r.n_group or not 0 < r.topk_group <= r.n_group:
+                raise ConfigError(f"n_group={r.n_group} must divide num_experts={self.num_experts} and "
+                                  f"topk_group={r.topk_group} must be in [1, n_group]")
+            if r.topk_group * (self.num_experts // r.n_group) < self.num_experts_per_tok:
+                raise ConfigError(f"topk_group={r.topk_group} groups of {self.num_experts // r.n_group} "
+                                  f"experts cannot hold num_experts_per_tok={self.num_experts_per_tok}")
+        if self.expert_activation not in ("silu", "gptoss"):
+            raise ConfigError(f"expert_activation {self.expert_activation!r}; use 'silu' or 'gptoss'")
+        if self.expert_activation == "gptoss" and self.swiglu_limit is None:
+            raise ConfigError("expert_activation='gptoss' needs swiglu_limit")
 
     @property
     def num_moe_layers(self) -> int:
@@ -92,6 +159,10 @@ class ModelConfig:
     @property
     def delta_shape(self) -> tuple[int, int]:
         return (self.num_moe_layers, self.num_experts)
+
+    def window(self, layer: int) -> Optional[int]:
+        """Sliding-window size of decoder layer `layer`, or None for full causal attention."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
     def moe_index(self, layer: int) -> Optional[int]:
         """Row of the deltas for decoder layer `layer`, or None for a dense layer."""
@@ -113,7 +184,10 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["rope"] = RopeConfig(**d.get("rope", {}))
-        for key in ("moe_layers", "eos_token_ids"):
+        d["router"] = RouterConfig(**d.get("router", {}))
+        if d.get("mla") is not None:
+            d["mla"] = MLAConfig(**d["mla"])
+        for key in ("moe_layers", "eos_token_ids", "sliding_layers"):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)
 
@@ -181,3 +255,18 @@ def rope_from_hf(hf: dict, dim: int = 0, interleaved: bool = False) -> RopeConfi
                   attention_factor=merged.get("attention_factor"),
                   truncate=bool(merged.get("truncate", True)))
     return RopeConfig(**kw)
+
+
+def hf_common(hf: dict, model_type: str, eps_default: float = 1e-6) -> dict:
+    """ModelConfig fields that every HF decoder config spells the same way."""
+    heads = hf["num_attention_heads"]
+    return dict(
+        model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", eps_default),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        eos_token_ids=token_ids(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        bos_token_id=hf.get("bos_token_id"))

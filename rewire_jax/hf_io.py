@@ -126,6 +126,10 @@ class TensorSource:
         shape, dtype, loader = self.index[key]
         return Lazy(shape, dtype, loader, key)
 
+    def skip(self, predicate: Callable[[str], bool]) -> None:
+        """Mark keys the model deliberately does not use (e.g. DeepSeek-V3's MTP layers) as consumed."""
+        self.used.update(k for k in self.index if predicate(k))
+
     def unused(self) -> list[str]:
         return sorted(set(self.index) - self.used)
 
@@ -157,11 +161,42 @@ def linear(src: TensorSource, prefix: str, bias: bool = False) -> dict:
     return out
 
 
-def attention_params(src: TensorSource, prefix: str, qkv_bias: bool) -> dict:
+def attention_params(src: TensorSource, prefix: str, qkv_bias: bool, o_bias: bool = False) -> dict:
     return {"q_proj": linear(src, f"{prefix}.q_proj", qkv_bias),
             "k_proj": linear(src, f"{prefix}.k_proj", qkv_bias),
             "v_proj": linear(src, f"{prefix}.v_proj", qkv_bias),
-            "o_proj": linear(src, f"{prefix}.o_proj")}
+            "o_proj": linear(src, f"{prefix}.o_proj", o_bias)}
+
+
+def gqa_attention(src: TensorSource, prefix: str, cfg: ModelConfig) -> dict:
+    """`self_attn` of a GQAAttention: projections (+ biases), q/k norms, sinks as cfg says."""
+    attn = attention_params(src, prefix, cfg.attention_bias, cfg.o_proj_bias)
+    if cfg.qk_norm != "none":
+        attn["q_norm"] = norm(src, f"{prefix}.q_norm")
+        attn["k_norm"] = norm(src, f"{prefix}.k_norm")
+    if cfg.attention_sinks:
+        attn["sinks"] = src.take(f"{prefix}.sinks")
+    return attn
+
+
+def dense_mlp(src: TensorSource, prefix: str) -> dict:
+    """Bias-free SwiGLU MLP (dense layers, shared experts)."""
+    return {name: linear(src, f"{prefix}.{name}") for name in ("gate_proj", "up_proj", "down_proj")}
+
+
+def decoder_params(cfg: ModelConfig, src: TensorSource, layer_fn: Callable[[int, str], dict]) -> dict:
+    """The decoder skeleton every family shares: embeddings, final norm, LM head and the two
+    per-layer norms; `layer_fn(i, 'model.layers.{i}')` supplies {'self_attn': ..., 'mlp': ...}."""
+    params = {"embed_tokens": {"embedding": src.take("model.embed_tokens.weight")},
+              "norm": norm(src, "model.norm")}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": transpose(src.take("lm_head.weight"))}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        params[f"layers_{i}"] = {"input_layernorm": norm(src, f"{p}.input_layernorm"),
+                                 "post_attention_layernorm": norm(src, f"{p}.post_attention_layernorm"),
+                                 **layer_fn(i, p)}
+    return params
 
 
 def llama_experts(src: TensorSource, prefix: str, num_experts: int,
@@ -217,7 +252,7 @@ def materialise(tree, dtype, progress: bool = False, desc: str = "loading") -> d
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, Lazy))
     it: Iterable = leaves
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         it = tqdm(leaves, desc=desc, unit="tensor")
     out = [np.asarray(leaf.load()).astype(dtype) for leaf in it]
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -5,6 +5,7 @@ E routed experts, k experts per token, d model width.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -37,10 +38,25 @@ def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+def _pos_freqs(theta: float, dim: int) -> np.ndarray:
+    """theta ** (2i / dim) in fp32, bit-identical to transformers when torch is installed.
+
+    numpy's and torch's fp32 pow differ by 1-2 ulp in a few entries, which at long context shifts
+    rope angles by ~1e-3; so reproduce torch's own op when it is there (it only runs at trace time),
+    else take the pow in fp64 and round once.
+    """
+    try:
+        import torch
+    except ImportError:
+        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+        return np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
+    return (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)).numpy()
+
+
+@functools.lru_cache(maxsize=64)
 def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     """(inv_freq [dim/2] float32, attention_factor) exactly as transformers computes them (fp32)."""
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    pos_freqs = np.power(np.float32(rope.theta), exponents, dtype=np.float32)
+    pos_freqs = _pos_freqs(float(rope.theta), dim)
     inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
     if rope.rope_type == "default":
         return inv_freq, 1.0

@@ -4,8 +4,9 @@ Params are a plain nested dict (the linen variable tree). The router deltas are 
 never a parameter: `deltas [B, L_moe, E]` is added to the router logits of MoE layer l before the
 softmax / top-k, so it moves both the choice of experts and their weights.
 
-The KV cache is a list (one entry per decoder layer) of dicts of fixed-size buffers
-`{'k': [B, S, K, D], 'v': [B, S, K, D]}`; token t of sequence b lives in row t (right padding).
+The KV cache is a list (one entry per decoder layer) of dicts of fixed-size buffers, whatever the
+layer's attention module returns (GQA: `{'k', 'v'}` [B, S, K, D]; MLA: `{'latent' [B, S, R],
+'k_pe' [B, S, Dr]}`); token t of sequence b lives in row t (right padding).
 """
 from __future__ import annotations
 
@@ -17,89 +18,21 @@ import jax
 import jax.numpy as jnp
 
 from . import layers as L
+from .attention import DenseMLP, RMSNorm, dense, init_normal, make_attention
 from .config import ModelConfig
 from .moe import dispatch
+from .routers import route
 
 Params = Any
-init_normal = nn.initializers.normal(stddev=0.02)
-
-
-class RMSNorm(nn.Module):
-    dim: int
-    eps: float
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (self.dim,), self.dtype)
-        return L.rms_norm(x, weight, self.eps)
-
-
-def dense(features, cfg: ModelConfig, bias: bool = False, name=None):
-    return nn.Dense(features, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype,
-                    kernel_init=init_normal, name=name)
-
-
-class Attention(nn.Module):
-    """Multi-head GQA attention with rotary embeddings (OLMoE / Qwen / Mixtral family)."""
-
-    cfg: ModelConfig
-
-    def setup(self):
-        c = self.cfg
-        self.q_proj = dense(c.num_heads * c.head_dim, c, c.attention_bias)
-        self.k_proj = dense(c.num_kv_heads * c.head_dim, c, c.attention_bias)
-        self.v_proj = dense(c.num_kv_heads * c.head_dim, c, c.attention_bias)
-        self.o_proj = dense(c.hidden_size, c)
-        if c.qk_norm == "flat":  # OLMoE: one RMSNorm over all heads, before the head split
-            self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps, c.jnp_dtype)
-            self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps, c.jnp_dtype)
-        elif c.qk_norm == "head":  # Qwen3: per head, after the split
-            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.jnp_dtype)
-            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.jnp_dtype)
-
-    def __call__(self, x, positions, cache=None, kv_valid=None):
-        """x [B, T, d]; positions [B, T]. -> (out [B, T, d], new cache entry {'k','v'})"""
-        c = self.cfg
-        B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if c.qk_norm == "flat":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if c.clip_qkv is not None:
-            q, k, v = (jnp.clip(t, -c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q = q.reshape(B, T, c.num_heads, c.head_dim)
-        k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
-        if c.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = L.rope_cos_sin(positions, c.rope, c.head_dim)
-        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-        if cache is None:  # self-attention within the chunk (prefill / training)
-            mask = L.attention_mask(positions, positions, kv_valid)
-            new = {"k": k, "v": v}
-        else:  # write this chunk at its positions, then attend over the whole buffer
-            new = {"k": L.write_cache(cache["k"], k, positions[:, 0]),
-                   "v": L.write_cache(cache["v"], v, positions[:, 0])}
-            k_pos = jnp.broadcast_to(jnp.arange(new["k"].shape[1]), (B, new["k"].shape[1]))
-            mask = L.attention_mask(positions, k_pos)
-            k, v = new["k"], new["v"]
-        out = L.attend(q, k, v, mask, c.head_dim ** -0.5)
-        return self.o_proj(out.reshape(B, T, -1)), new
-
-
-class DenseMLP(nn.Module):
-    cfg: ModelConfig
-    width: int
-
-    @nn.compact
-    def __call__(self, x):
-        gate = dense(self.width, self.cfg, name="gate_proj")(x)
-        up = dense(self.width, self.cfg, name="up_proj")(x)
-        return dense(self.cfg.hidden_size, self.cfg, name="down_proj")(jax.nn.silu(gate) * up)
 
 
 class SparseMoE(nn.Module):
-    """Softmax-top-k routed experts (OLMoE / Qwen / Mixtral routers)."""
+    """Routed experts (+ optional shared expert) behind any router of rewire_jax/routers.py.
+
+    The delta [B, E] is added to the router logits right after the linear (and the gpt-oss router
+    bias), before any softmax / sigmoid / group choice / top-k. The shared expert and Qwen2-MoE's
+    shared_expert_gate have no delta: they are not part of the [E] routed logits.
+    """
 
     cfg: ModelConfig
     dispatch: str = "auto"
@@ -110,18 +43,31 @@ class SparseMoE(nn.Module):
         c = self.cfg
         B, T, d = x.shape
         E, I, dt = c.num_experts, c.moe_intermediate_size, c.jnp_dtype
-        logits = dense(E, c, name="gate")(x).astype(jnp.float32) + delta[:, None, :]
+        logits = dense(E, c, c.router.bias, name="gate")(x).astype(jnp.float32) + delta[:, None, :]
         flat = logits.reshape(B * T, E)
-        weights, idx = L.softmax_topk_route(flat, c.num_experts_per_tok, c.norm_topk_prob)
+        correction = None
+        if c.router.kind == "sigmoid_group":  # DeepSeek-V3: moves the choice only (fp32 buffer)
+            correction = self.param("e_score_correction_bias", nn.initializers.zeros, (E,), jnp.float32)
+        weights, idx = route(flat, c, correction)
         experts = {
             "gate_proj": self.param("gate_proj", init_normal, (E, d, I), dt),
             "up_proj": self.param("up_proj", init_normal, (E, d, I), dt),
             "down_proj": self.param("down_proj", init_normal, (E, I, d), dt),
         }
-        y = dispatch(x.reshape(B * T, d), weights.astype(dt), idx, experts, self.dispatch)
+        if c.expert_bias:
+            experts["gate_bias"] = self.param("gate_bias", nn.initializers.zeros, (E, I), dt)
+            experts["up_bias"] = self.param("up_bias", nn.initializers.zeros, (E, I), dt)
+            experts["down_bias"] = self.param("down_bias", nn.initializers.zeros, (E, d), dt)
+        y = dispatch(x.reshape(B * T, d), weights.astype(dt), idx, experts, self.dispatch,
+                     c.expert_activation, c.swiglu_limit).reshape(B, T, d)
+        if c.shared_expert_size:
+            shared = DenseMLP(c, c.shared_expert_size, name="shared_expert")(x)
+            if c.shared_expert_gate:
+                shared = jax.nn.sigmoid(dense(1, c, name="shared_expert_gate")(x)) * shared
+            y = y + shared
         aux = {"logits": logits, "idx": idx.reshape(B, T, -1),
                "score": L.token_confidence(flat, idx).reshape(B, T)}
-        return y.reshape(B, T, d), aux
+        return y, aux
 
 
 class DecoderLayer(nn.Module):
@@ -133,7 +79,7 @@ class DecoderLayer(nn.Module):
         c = self.cfg
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.jnp_dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.jnp_dtype)
-        self.self_attn = Attention(c)
+        self.self_attn = make_attention(c, self.layer)
         self.is_moe = self.layer in c.moe_layers
         self.mlp = SparseMoE(c, self.dispatch) if self.is_moe else DenseMLP(c, c.intermediate_size)
 

@@ -5,10 +5,27 @@ All paths take the routing already decided:
   experts {'gate_proj' [E, d, I], 'up_proj' [E, d, I], 'down_proj' [E, I, d],
            optional 'gate_bias' [E, I], 'up_bias' [E, I], 'down_bias' [E, d]}
 and return [N, d]. `activation` is 'silu' (SwiGLU) or 'gptoss' (clamped SwiGLU, `limit`).
+
+Paths (`method`):
+  dense    every expert on every token, sparse combine: E/k x the FLOPs; the reference.
+  gather   gather the k chosen experts' weights per token: decode (a handful of tokens).
+  blocked  sort the N*k (token, expert) rows by expert, pad each expert's rows to a multiple of a
+           block size, run one [block, d] x [d, I] matmul per block that holds rows (a loop over
+           experts, each expert's weights read once, and an inner loop over its blocks). Dropless
+           with no capacity: the padded layout has a static upper bound N*k + E*(block-1).
+           The fast path on CPU.
+  ragged   the same sort, then `jax.lax.ragged_dot` (grouped GEMM): the fast path on GPU/TPU
+           (on CPU ragged_dot is a slow reference loop).
+  auto     gather when N*k <= E, else blocked on CPU and ragged elsewhere (see `choose_method`).
+The row permutations of the sorted paths are gathers in both directions (custom VJPs), so the
+backward pass has no scatter-add. All paths differentiate w.r.t. x, the combine weights and the
+expert weights (the rewiring never asks for the latter; under jit XLA drops that work).
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import os
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +33,7 @@ import jax.numpy as jnp
 from .layers import einsum_f32
 
 GPTOSS_ALPHA = 1.702
+METHODS = ("dense", "gather", "blocked", "ragged")
 
 
 def glu(h_gate, h_up, activation: str = "silu", limit: Optional[float] = None):
@@ -51,23 +69,265 @@ def dispatch_dense(x, weights, idx, experts, activation="silu", limit=None):
 
 
 def dispatch_gather(x, weights, idx, experts, activation="silu", limit=None):
-    """Decode path: gather the k chosen experts' weights per token ([N, k, d, I]); cheap for tiny N."""
-    wg, wu, wd = experts["gate_proj"][idx], experts["up_proj"][idx], experts["down_proj"][idx]
-    hg = jnp.einsum("nd,nkdi->nki", x, wg) + _bias(experts, "gate_bias", idx)
-    hu = jnp.einsum("nd,nkdi->nki", x, wu) + _bias(experts, "up_bias", idx)
-    h = glu(hg, hu, activation, limit)
-    out = einsum_f32("nki,nkid->nkd", h, wd) + _bias(experts, "down_bias", idx)
-    return jnp.einsum("nkd,nk->nd", out, weights.astype(jnp.float32)).astype(x.dtype)
+    """Decode path: one (token, expert) row at a time, reading that expert's weights in place.
+
+    A loop over the N*k rows with a dynamic index into the stacked weights: ~2x faster on CPU than
+    gathering [N, k, d, I] weight copies (which XLA materialises in a transposed layout).
+    """
+    N, d = x.shape
+    k = idx.shape[1]
+    bg, bu, bd = (experts.get(n) for n in ("gate_bias", "up_bias", "down_bias"))
+    take = lambda w, e: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+
+    def row(args):
+        xr, e = args
+        hg, hu = _dot(xr, take(experts["gate_proj"], e)), _dot(xr, take(experts["up_proj"], e))
+        if bg is not None:
+            hg, hu = hg + take(bg, e), hu + take(bu, e)
+        y = _dot(glu(hg, hu, activation, limit), take(experts["down_proj"], e))
+        return y + take(bd, e) if bd is not None else y
+
+    rows = jnp.repeat(x, k, axis=0)[:, None]                        # [N*k, 1, d]
+    y = jax.lax.map(row, (rows, idx.reshape(N * k)))[:, 0]          # [N*k, d]
+    return jnp.einsum("nkd,nk->nd", y.reshape(N, k, d).astype(jnp.float32),
+                      weights.astype(jnp.float32)).astype(x.dtype)
 
 
-DISPATCH = {"dense": dispatch_dense, "gather": dispatch_gather}
+# -- sorted (grouped) paths --------------------------------------------------------------------
+
+class Plan(NamedTuple):
+    """Where each (token, slot) row goes in the expert-sorted, block-padded layout of P rows.
+
+    dest [N, k]: padded row of assignment (n, j); src [P]: assignment index n*k+j of each padded
+    row (N*k for padding rows); counts [E]; expert e owns blocks [first_block[e], first_block[e] +
+    num_blocks[e]) of the padded layout.
+    """
+    dest: jax.Array
+    src: jax.Array
+    counts: jax.Array
+    first_block: jax.Array
+    num_blocks: jax.Array
+
+
+def padded_rows(n_rows: int, num_experts: int, block: int) -> int:
+    """Static upper bound of the padded layout: every expert's rows rounded up to a whole block."""
+    return -(-(n_rows + num_experts * (block - 1)) // block) * block
+
+
+def make_plan(idx, num_experts: int, block: int = 1) -> Plan:
+    """Sort the N*k assignments by expert (stable: token order within an expert) and pad each
+    expert's group to a multiple of `block` rows (block=1: plain sort, P = N*k)."""
+    N, k = idx.shape
+    R = N * k
+    flat = idx.reshape(R).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)       # sorted row -> assignment
+    counts = jnp.zeros(num_experts, jnp.int32).at[flat].add(1)
+    padded = (counts + block - 1) // block * block
+    pend = jnp.cumsum(padded)
+    pstart = pend - padded
+    start = jnp.cumsum(counts) - counts
+    e_sorted = flat[order]
+    dest_sorted = pstart[e_sorted] + jnp.arange(R, dtype=jnp.int32) - start[e_sorted]
+    dest = jnp.zeros(R, jnp.int32).at[order].set(dest_sorted)
+    P = padded_rows(R, num_experts, block) if block > 1 else R
+    src = jnp.full(P, R, jnp.int32).at[dest].set(jnp.arange(R, dtype=jnp.int32))
+    return Plan(dest.reshape(N, k), src, counts, pstart // block, padded // block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _expand(x, src, dest, k: int):
+    """x [N, d] -> rows [P, d]: row p is x[src[p] // k] (zeros for padding rows)."""
+    return jnp.take(x, src // k, axis=0, mode="fill", fill_value=0)
+
+
+def _expand_fwd(x, src, dest, k):
+    return _expand(x, src, dest, k), (src, dest)
+
+
+def _expand_bwd(k, res, g):
+    src, dest = res
+    # every token appears in exactly k rows: the transpose of the row gather is a gather + sum
+    return jnp.sum(jnp.take(g, dest, axis=0), axis=1), None, None
+
+
+_expand.defvjp(_expand_fwd, _expand_bwd)
+
+
+@jax.custom_vjp
+def _combine(y, w, dest, src):
+    """y [P, d] expert outputs, w [N, k] -> out [N, d] = sum_j w[n, j] * y[dest[n, j]] (fp32)."""
+    return jnp.einsum("nkd,nk->nd", jnp.take(y, dest, axis=0).astype(jnp.float32), w.astype(jnp.float32))
+
+
+def _combine_fwd(y, w, dest, src):
+    return _combine(y, w, dest, src), (y, w, dest, src)
+
+
+def _combine_bwd(res, g):
+    y, w, dest, src = res
+    N, k = w.shape
+    wf = jnp.take(w.reshape(N * k), src, mode="fill", fill_value=0).astype(jnp.float32)   # 0 on padding
+    gy = (jnp.take(g, src // k, axis=0, mode="fill", fill_value=0) * wf[:, None]).astype(y.dtype)
+    gw = jnp.einsum("nkd,nd->nk", jnp.take(y, dest, axis=0).astype(jnp.float32), g).astype(w.dtype)
+    return gy, gw, None, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def _dot(a, b):
+    """a [..., m] x b [m, n] with fp32 accumulation, result in a's dtype (bf16 stays bf16)."""
+    return einsum_f32("...m,mn->...n", a, b).astype(a.dtype)
+
+
+def _dot_t(a, b):
+    """a [..., n] x b[m, n]^T (no transposed copy of b)."""
+    return einsum_f32("...n,mn->...m", a, b).astype(a.dtype)
+
+
+def choose_block(n_rows: int, num_experts: int) -> int:
+    """Block rows for the blocked path: about half the mean rows per expert, in [16, 128].
+
+    Padding costs ~block/2 rows per expert; bigger blocks make faster matmuls. Measured on a
+    2-core CPU (d 512, I 256): 32-64 is the sweet spot for 32-128 mean rows per expert.
+    """
+    target = max(16, min(128, n_rows // num_experts // 2))
+    return 1 << (target.bit_length() - 1)
+
+
+def _expert_loop(plan: Plan, experts, body, carry):
+    """for e in experts: w = that expert's weights (sliced once); for each of its blocks: body.
+
+    body(e, w, block index b, carry) -> carry. Loops with run-time trip counts: only the blocks
+    that hold rows are computed (this is why the grouped matmul has a custom VJP)."""
+    def per_expert(e, carry):
+        w = {n: jax.lax.dynamic_index_in_dim(a, e, keepdims=False) for n, a in experts.items()}
+        b0 = plan.first_block[e]
+        return jax.lax.fori_loop(0, plan.num_blocks[e], lambda j, c: body(e, w, b0 + j, c), carry)
+    return jax.lax.fori_loop(0, plan.num_blocks.shape[0], per_expert, carry)
+
+
+def _rows_at(a, b, block):
+    return jax.lax.dynamic_slice_in_dim(a, b * block, block, axis=0)
+
+
+def _put_rows(a, v, b, block):
+    return jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), b * block, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _blocked_ffn(block: int, activation: str, limit, rows, plan, experts):
+    """Expert FFN on the expert-sorted, block-padded rows [P, d] (padding rows give zeros)."""
+    return _blocked_ffn_fwd(block, activation, limit, rows, plan, experts)[0]
+
+
+def _blocked_ffn_fwd(block, activation, limit, rows, plan, experts):
+    P, d = rows.shape
+    I = experts["gate_proj"].shape[-1]
+
+    def body(e, w, b, carry):
+        y, hg_all, hu_all = carry
+        xb = _rows_at(rows, b, block)
+        hg, hu = _dot(xb, w["gate_proj"]), _dot(xb, w["up_proj"])
+        if "gate_bias" in w:
+            hg, hu = hg + w["gate_bias"], hu + w["up_bias"]
+        yb = _dot(glu(hg, hu, activation, limit), w["down_proj"])
+        if "down_bias" in w:
+            yb = yb + w["down_bias"]
+        return _put_rows(y, yb, b, block), _put_rows(hg_all, hg, b, block), _put_rows(hu_all, hu, b, block)
+
+    zeros = lambda n: jnp.zeros((P, n), rows.dtype)
+    y, hg, hu = _expert_loop(plan, experts, body, (zeros(d), zeros(I), zeros(I)))
+    return y, (rows, plan, experts, hg, hu)
+
+
+def _blocked_ffn_bwd(block, activation, limit, res, gy):
+    rows, plan, experts, hg_all, hu_all = res
+    P, d = rows.shape
+
+    def block_grads(w, b):
+        g = _rows_at(gy, b, block)
+        h, pull = jax.vjp(lambda a, c: glu(a, c, activation, limit), _rows_at(hg_all, b, block),
+                          _rows_at(hu_all, b, block))
+        dhg, dhu = pull(_dot_t(g, w["down_proj"]))
+        return g, h, dhg, dhu
+
+    # activations: dx = dhg Wg^T + dhu Wu^T
+    def body_dx(e, w, b, dx):
+        _, _, dhg, dhu = block_grads(w, b)
+        return _put_rows(dx, _dot_t(dhg, w["gate_proj"]) + _dot_t(dhu, w["up_proj"]), b, block)
+
+    dx = _expert_loop(plan, experts, body_dx, jnp.zeros((P, d), rows.dtype))
+
+    # expert weights: a separate loop, so that XLA drops it when nobody asks for weight gradients
+    def body_dw(e, w, b, acc):
+        g, h, dhg, dhu = block_grads(w, b)
+        x = _rows_at(rows, b, block)
+        upd = {"gate_proj": einsum_f32("bd,bi->di", x, dhg), "up_proj": einsum_f32("bd,bi->di", x, dhu),
+               "down_proj": einsum_f32("bi,bd->id", h, g),
+               "gate_bias": jnp.sum(dhg.astype(jnp.float32), 0), "up_bias": jnp.sum(dhu.astype(jnp.float32), 0),
+               "down_bias": jnp.sum(g.astype(jnp.float32), 0)}
+        return {n: a.at[e].add(upd[n]) for n, a in acc.items()}
+
+    dW = _expert_loop(plan, experts, body_dw, {n: jnp.zeros(w.shape, jnp.float32) for n, w in experts.items()})
+    dW = {n: dW[n].astype(experts[n].dtype) for n in experts}
+    return dx, None, dW
+
+
+_blocked_ffn.defvjp(_blocked_ffn_fwd, _blocked_ffn_bwd)
+
+
+def dispatch_blocked(x, weights, idx, experts, activation="silu", limit=None, block: Optional[int] = None):
+    """Sorted + block-padded grouped matmuls, one loop step per block (unused blocks skipped)."""
+    N, d = x.shape
+    k = idx.shape[1]
+    E = experts["gate_proj"].shape[0]
+    block = block or choose_block(N * k, E)
+    plan = make_plan(idx, E, block)
+    rows = _expand(x, plan.src, plan.dest, k)
+    y = _blocked_ffn(block, activation, limit, rows, plan, dict(experts))
+    return _combine(y, weights, plan.dest, plan.src).astype(x.dtype)
+
+
+def dispatch_ragged(x, weights, idx, experts, activation="silu", limit=None):
+    """Sorted rows + jax.lax.ragged_dot grouped GEMMs (GPU/TPU)."""
+    N, d = x.shape
+    k = idx.shape[1]
+    E = experts["gate_proj"].shape[0]
+    plan = make_plan(idx, E, 1)
+    rows = _expand(x, plan.src, plan.dest, k)
+    rd = lambda a, w: jax.lax.ragged_dot(a, w, plan.counts, preferred_element_type=jnp.float32).astype(a.dtype)
+    hg, hu = rd(rows, experts["gate_proj"]), rd(rows, experts["up_proj"])
+    if "gate_bias" in experts:
+        e_of_row = jnp.take(idx.reshape(-1), plan.src)       # P == N*k: no padding rows here
+        hg, hu = hg + experts["gate_bias"][e_of_row], hu + experts["up_bias"][e_of_row]
+    y = rd(glu(hg, hu, activation, limit), experts["down_proj"])
+    if "down_bias" in experts:
+        y = y + experts["down_bias"][jnp.take(idx.reshape(-1), plan.src)]
+    return _combine(y, weights, plan.dest, plan.src).astype(x.dtype)
+
+
+DISPATCH = {"dense": dispatch_dense, "gather": dispatch_gather, "blocked": dispatch_blocked,
+            "ragged": dispatch_ragged}
+
+
+def choose_method(n_tokens: int, k: int, num_experts: int, backend: Optional[str] = None) -> str:
+    """The automatic choice. Override per call (`method=`), per model (`get_module(cfg, method)`)
+    or process-wide with the environment variable REWIRE_JAX_DISPATCH (read when tracing)."""
+    env = os.environ.get("REWIRE_JAX_DISPATCH", "auto")
+    if env != "auto":
+        return env
+    if n_tokens * k <= num_experts:
+        return "gather"
+    backend = backend or jax.default_backend()
+    return "blocked" if backend == "cpu" else "ragged"
 
 
 def dispatch(x, weights, idx, experts, method: str = "auto", activation: str = "silu",
              limit: Optional[float] = None):
-    """Pick a dispatch path. 'auto': gather for a handful of tokens (decode), dense otherwise."""
+    """Run the routed experts with the chosen path (all paths give the same output)."""
     if method == "auto":
-        method = "gather" if x.shape[0] * idx.shape[1] <= experts["gate_proj"].shape[0] else "dense"
+        method = choose_method(x.shape[0], idx.shape[1], experts["gate_proj"].shape[0])
     if method not in DISPATCH:
         raise ValueError(f"unknown MoE dispatch {method!r}; choose from auto, {', '.join(DISPATCH)}")
     return DISPATCH[method](x, weights, idx, experts, activation, limit)

@@ -9,6 +9,12 @@ import pytest  # noqa: E402
 
 import hf_models  # noqa: E402
 
+# The torch oracles run tiny models: one intra-op thread is fastest, and on a shared 2-core machine
+# a second spinning thread makes each forward ~10x slower (measured).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory):

@@ -23,6 +23,50 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "olmoe_tied": ("OlmoeConfig", "OlmoeForCausalLM",
                    dict(intermediate_size=32, num_key_value_heads=1, num_experts=6, num_experts_per_tok=2,
                         tie_word_embeddings=True, eos_token_id=2, pad_token_id=1)),
+    # Qwen1.5-MoE: q/k/v bias, gated shared expert; layer 1 dense (mlp_only_layers) has no delta row
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1],
+                       eos_token_id=2, pad_token_id=1)),
+    # Qwen3-MoE: per-head q/k norm, head_dim 32 != hidden / heads, norm_topk_prob
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=32, num_key_value_heads=2, head_dim=32,
+                       num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=2, pad_token_id=1,
+                       num_hidden_layers=2)),
+    # Mixtral with a sliding window on every layer (prompts in the tests are longer than 6)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=32, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                     sliding_window=6, eos_token_id=2, pad_token_id=1, bos_token_id=0, num_hidden_layers=2)),
+    # DeepSeek-V2-Lite shape: plain q_proj, greedy router, YaRN with mscale, dense layer 0
+    "deepseek_v2_lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                         dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                              num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None,
+                              kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                              topk_method="greedy", n_group=1, topk_group=1, eos_token_id=2, pad_token_id=1,
+                              bos_token_id=0,
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0,
+                                               "mscale": 0.707, "mscale_all_dim": 0.707,
+                                               "original_max_position_embeddings": 64, "beta_fast": 32,
+                                               "beta_slow": 1})),
+    # DeepSeek-V2 (full) shape: q_lora, group_limited_greedy (4 groups of 2, keep 2), scaling factor
+    "deepseek_v2_glg": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                        dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+                             n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                             topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0,
+                             eos_token_id=2, pad_token_id=1, bos_token_id=0)),
+    # DeepSeek-V3: sigmoid noaux_tc router with correction bias, q_lora, de-interleaved rope output
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_group=2, topk_group=1,
+                         routed_scaling_factor=2.5, eos_token_id=2, pad_token_id=1, bos_token_id=0)),
+    # gpt-oss: sinks, sliding window 4 on layer 0 and full attention on layer 1, biases everywhere,
+    # YaRN (the GptOssConfig default: no truncation, attention factor on cos/sin)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(intermediate_size=64, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                     num_experts_per_tok=2, sliding_window=4, eos_token_id=2, pad_token_id=1, bos_token_id=0,
+                     num_hidden_layers=2)),
 }
 
 
@@ -35,6 +79,9 @@ def build(name: str, seed: int = 0):
         for pname, p in model.named_parameters():
             if "norm" in pname or "sinks" in pname or pname.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.3)
+        for name, buf in model.named_buffers():  # DeepSeek-V3's e_score_correction_bias
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.1)
     return model
 
 

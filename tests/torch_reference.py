@@ -105,10 +105,23 @@ def deltas_injected(hf_model, deltas):
 
 
 def _forward(hf_model, ids, deltas):
-    """Full forward on one unpadded sequence: (logits [T, V], router_logits list of [T, E])."""
-    with deltas_injected(hf_model, deltas):
-        out = hf_model(input_ids=torch.tensor([ids]), output_router_logits=True, use_cache=False)
-    return out.logits[0], list(out.router_logits)
+    """Full forward on one unpadded sequence: (logits [T, V], [(router_logits [T, E], chosen [T, k])]).
+
+    `chosen` are the expert indices the model itself selected (every transformers 5.23 router
+    returns (logits, weights, indices)); recorded with forward hooks, so the layer scores use the
+    model's own choice for every router: group-limited (DeepSeek-V2 group_limited_greedy, V3
+    noaux_tc with its correction bias) and gpt-oss's top-k on logits alike.
+    """
+    chosen = {}
+    hooks = [mod.register_forward_hook(lambda _m, _a, out, l=l: chosen.__setitem__(l, out[2].detach()))
+             for l, (_, mod) in enumerate(_router_submodules(hf_model))]
+    try:
+        with deltas_injected(hf_model, deltas):
+            out = hf_model(input_ids=torch.tensor([ids]), output_router_logits=True, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.logits[0], [(z, chosen[l]) for l, z in enumerate(out.router_logits)]
 
 
 def _lm_loss(logits, ids, loss):
@@ -116,15 +129,15 @@ def _lm_loss(logits, ids, loss):
     return F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]), reduction=loss)
 
 
-def _layer_scores(router_logits, top_k):
-    """C_l = mean over tokens of -(1/k) * sum_{j in model's top-k} log softmax(z~)_j  (Eq. 2-3)."""
+def _layer_scores(routing):
+    """C_l = mean over tokens of -(1/k) * sum_{j in model's chosen k} log softmax(z~)_j  (Eq. 2-3).
+
+    The softmax runs over all E routed logits (gpt-oss / Mixtral / DeepSeek-V3 included, whose
+    models never compute it); the log-probs in float64.
+    """
     scores = []
-    for z in router_logits:
-        z = z.detach()
-        # Indices exactly as the softmax routers pick them (fp32 softmax, then top-k); for gpt-oss
-        # (top-k on logits) the order is the same.  The log-probs themselves in float64.
-        idx = torch.topk(torch.softmax(z.float(), dim=-1), top_k, dim=-1).indices
-        logp = torch.log_softmax(z.double(), dim=-1).gather(-1, idx)
+    for z, idx in routing:
+        logp = torch.log_softmax(z.detach().double(), dim=-1).gather(-1, idx.long())
         scores.append(float((-logp.mean(dim=-1)).mean()))
     return np.asarray(scores, dtype=np.float64)
 
@@ -158,18 +171,18 @@ def _new_adam(deltas, lr, eps, weight_decay):
 
 
 def _phase(hf_model, ctx, deltas, opt, *, steps, lr, selection, ratio, soft_mode, confidence, loss,
-           last_k, seed, phase_index, top_k):
+           last_k, seed, phase_index):
     """`steps` Adam steps on the context; returns the phase record."""
     weights = selected = scores = None
     loss_before = None
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
-        logits, router_logits = _forward(hf_model, ctx, deltas)
+        logits, routing = _forward(hf_model, ctx, deltas)
         value = _lm_loss(logits, ctx, loss)
         if step == 0:
             # Scores/weights come from the first step's forward (current deltas) and stay fixed.
             loss_before = float(value.detach())
-            C = _layer_scores(router_logits, top_k)
+            C = _layer_scores(routing)
             scores = C if confidence == "paper" else 1.0 / C
             weights, selected = _select(scores, selection, ratio, last_k, seed, phase_index)
             for l, group in enumerate(opt.param_groups):
@@ -207,7 +220,6 @@ def reference_generate(hf_model, prompt_ids: list[int], max_new_tokens: int, *, 
     prompt_ids = [int(t) for t in prompt_ids]
     routers = router_modules(hf_model)
     n_experts = routers[0][1].shape[0]
-    top_k = hf_model.config.num_experts_per_tok
 
     # Freeze the model for the duration only (restored afterwards: other tests share the model).
     was_training = hf_model.training
@@ -218,7 +230,7 @@ def reference_generate(hf_model, prompt_ids: list[int], max_new_tokens: int, *, 
         deltas = [torch.nn.Parameter(torch.zeros(n_experts, dtype=torch.float32)) for _ in routers]
         opt = _new_adam(deltas, lr, eps, weight_decay)
         phase_kw = dict(steps=steps, lr=lr, selection=selection, ratio=ratio, soft_mode=soft_mode,
-                        confidence=confidence, loss=loss, last_k=last_k, seed=seed, top_k=top_k)
+                        confidence=confidence, loss=loss, last_k=last_k, seed=seed)
         ctx, new, phases = list(prompt_ids), [], []
 
         def run_phase():

@@ -3,4 +3,4 @@
 Importing this package registers every family with `rewire_jax.config.register_family` and
 `rewire_jax.hf_io.register_converter`.
 """
-from . import olmoe  # noqa: F401
+from . import deepseek, gpt_oss, mixtral, olmoe, qwen_moe  # noqa: F401

@@ -3,7 +3,7 @@ softmax-top-k MoE (spec: shared/docs/moe-architectures.md section 2.1)."""
 from __future__ import annotations
 
 from ..config import ModelConfig, register_family, rope_from_hf, token_ids
-from ..hf_io import TensorSource, attention_params, llama_experts, norm, register_converter, transpose
+from ..hf_io import TensorSource, decoder_params, gqa_attention, llama_experts, register_converter, transpose
 
 
 @register_family("olmoe")
@@ -31,22 +31,8 @@ def parse(hf: dict) -> ModelConfig:
 
 @register_converter("olmoe")
 def convert(cfg: ModelConfig, src: TensorSource) -> dict:
-    params = {
-        "embed_tokens": {"embedding": src.take("model.embed_tokens.weight")},
-        "norm": norm(src, "model.norm"),
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": transpose(src.take("lm_head.weight"))}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        attn = attention_params(src, f"{p}.self_attn", cfg.attention_bias)
-        attn["q_norm"] = norm(src, f"{p}.self_attn.q_norm")
-        attn["k_norm"] = norm(src, f"{p}.self_attn.k_norm")
+    def layer(i: int, p: str) -> dict:
         mlp = {"gate": {"kernel": transpose(src.take(f"{p}.mlp.gate.weight"))},
                **llama_experts(src, f"{p}.mlp.experts", cfg.num_experts)}
-        params[f"layers_{i}"] = {
-            "input_layernorm": norm(src, f"{p}.input_layernorm"),
-            "post_attention_layernorm": norm(src, f"{p}.post_attention_layernorm"),
-            "self_attn": attn, "mlp": mlp,
-        }
-    return params
+        return {"self_attn": gqa_attention(src, f"{p}.self_attn", cfg), "mlp": mlp}
+    return decoder_params(cfg, src, layer)

@@ -1,0 +1,73 @@
+"""Routers: router logits z~ = x W (+ b) + delta -> (combine weights, chosen experts).
+
+Every function takes z~ [N, E] fp32 *with the delta already added* (the delta sits before any
+softmax, sigmoid, group scoring or top-k, so it moves the choice of experts, the choice of groups
+and the weights alike) and returns (weights [N, k] fp32, idx [N, k] int32). The token confidence
+used by the rewiring (layers.token_confidence) is computed from the same z~ and idx for every
+router, so the chosen set is always the one the model actually used.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .layers import softmax_topk_route
+
+
+def _group_mask(group_scores, topk_group: int, group_size: int):
+    """group_scores [N, G] -> bool [N, G * group_size]: experts of the topk_group best groups."""
+    _, gidx = jax.lax.top_k(group_scores, topk_group)
+    keep = jnp.any(jax.nn.one_hot(gidx, group_scores.shape[-1], dtype=bool), axis=1)   # [N, G]
+    return jnp.repeat(keep, group_size, axis=-1)
+
+
+def group_limited_route(logits, k: int, n_group: int, topk_group: int):
+    """DeepSeek-V2 group_limited_greedy: p = softmax over all E; a group's score is its max p; the
+    topk_group best groups survive (others' p set to 0); top-k of the masked p. The weights are the
+    full-softmax p (no renormalisation)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    N, E = probs.shape
+    group_scores = jnp.max(probs.reshape(N, n_group, E // n_group), axis=-1)
+    masked = jnp.where(_group_mask(group_scores, topk_group, E // n_group), probs, 0.0)
+    return jax.lax.top_k(masked, k)
+
+
+def topk_softmax_route(logits, k: int):
+    """gpt-oss: top-k of the logits themselves, then a softmax over the k chosen logits."""
+    top, idx = jax.lax.top_k(logits, k)
+    return jax.nn.softmax(top, axis=-1), idx
+
+
+def sigmoid_group_route(logits, k: int, n_group: int, topk_group: int, correction_bias, norm: bool):
+    """DeepSeek-V3 noaux_tc: s = sigmoid(z~); the choice uses s + correction_bias (group score = sum
+    of its two best), the weights are s at the chosen experts (optionally renormalised)."""
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + correction_bias.astype(jnp.float32)
+    N, E = choice.shape
+    group_scores = jnp.sum(jax.lax.top_k(choice.reshape(N, n_group, E // n_group), 2)[0], axis=-1)
+    choice = jnp.where(_group_mask(group_scores, topk_group, E // n_group), choice, -jnp.inf)
+    _, idx = jax.lax.top_k(choice, k)
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if norm:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights, idx
+
+
+def route(logits, cfg: ModelConfig, correction_bias=None):
+    """z~ [N, E] fp32 -> (weights [N, k] fp32 incl. routed_scaling_factor, idx [N, k] int32)."""
+    r, k = cfg.router, cfg.num_experts_per_tok
+    if r.kind == "softmax_topk":
+        weights, idx = softmax_topk_route(logits, k, cfg.norm_topk_prob)
+    elif r.kind == "group_limited":  # V2 ignores norm_topk_prob (no such branch in the model)
+        weights, idx = group_limited_route(logits, k, r.n_group, r.topk_group)
+    elif r.kind == "topk_softmax":
+        weights, idx = topk_softmax_route(logits, k)
+    elif r.kind == "sigmoid_group":
+        weights, idx = sigmoid_group_route(logits, k, r.n_group, r.topk_group, correction_bias,
+                                           cfg.norm_topk_prob)
+    else:
+        raise ValueError(f"unknown router kind {r.kind!r}")
+    if r.routed_scaling_factor != 1.0:
+        weights = weights * r.routed_scaling_factor
+    return weights, idx.astype(jnp.int32)
