@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,28 +62,44 @@ class DecodeState(NamedTuple):
     key: Any
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "reduction"))
-def prefill(params, tokens, lengths, deltas, cfg: ModelConfig, cache_len: int, reduction: str = "mean"):
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "reduction", "dispatch"))
+def prefill(params, tokens, lengths, deltas, cfg: ModelConfig, cache_len: int, reduction: Optional[str] = "mean",
+            dispatch: str = "auto"):
     """tokens [B, T] right-padded -> (next logits [B, V], cache (list of {'k','v'} [B, S, ...]),
-    context loss [B] under these deltas)."""
+    context loss [B] under these deltas, or None with reduction=None: then the LM head runs on the
+    last token of each sequence only)."""
     B, T = tokens.shape
-    logits, kv, _ = get_module(cfg).apply({"params": params}, tokens, positions_for(tokens), deltas)
+    module, v = get_module(cfg, dispatch), {"params": params}
+    x, kv, _ = module.apply(v, module.apply(v, tokens, method="embed"), positions_for(tokens), deltas,
+                            method="run_layers")
     pad = lambda a: jnp.zeros((B, cache_len) + a.shape[2:], a.dtype).at[:, :T].set(a)
     cache = jax.tree.map(pad, kv)
+    if reduction is None:
+        x_last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+        return module.apply(v, x_last, method="head")[:, 0], cache, None
+    logits = module.apply(v, x, method="head")
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return last, cache, sequence_losses(logits, tokens, lengths, reduction)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_steps"), donate_argnames=("state", "cache"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_steps", "window", "dispatch"),
+                   donate_argnames=("state", "cache"))
 def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: ModelConfig,
-           sampling: Sampling, max_steps: int):
+           sampling: Sampling, max_steps: int, window: Optional[int] = None, dispatch: str = "auto"):
     """Generate up to `max_steps` tokens per sequence (fewer once every sequence is done).
 
     eos_ids [n_eos] int32 (may be empty); max_new [] int32: per-sequence total budget.
+    window: attend over the first `window` cache rows only (static; the caller guarantees that
+    every position written in this call is < window): attention and KV traffic scale with the
+    context reached, not the cache size. None: the whole cache.
     -> (state, cache). The cache always holds K/V for every token in buf except the last sampled one.
     """
-    module = get_module(cfg)
-    S = state.buf.shape[1]
+    module = get_module(cfg, dispatch)
+    full = cache
+    S = cache_rows(cache)
+    if window is not None and window < S:
+        cache = jax.tree.map(lambda a: a[:, :window], cache)
+        S = window
 
     def cond(carry):
         step, st, _ = carry
@@ -94,8 +110,10 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
         key, sub = jax.random.split(st.key)
         tok = sample(st.logits, sub, sampling)
         live = ~st.done
-        pos = jnp.minimum(st.lengths, S - 1)
-        buf = jnp.where(live[:, None] & (jnp.arange(S)[None] == pos[:, None]), tok[:, None], st.buf)
+        pos = jnp.minimum(st.lengths, S - 1)          # cache row (clamped for finished rows)
+        Sb = st.buf.shape[1]
+        buf = jnp.where(live[:, None] & (jnp.arange(Sb)[None] == jnp.minimum(st.lengths, Sb - 1)[:, None]),
+                        tok[:, None], st.buf)
         num_new = st.num_new + live
         hit_eos = jnp.any(tok[:, None] == eos_ids[None], axis=-1)
         done = st.done | (live & hit_eos) | (num_new >= max_new)
@@ -105,4 +123,10 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
         return step + 1, DecodeState(buf, lengths, logits[:, 0], done, num_new, key), cache
 
     _, state, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), state, cache))
+    if cache_rows(full) != S:   # write the window back into the full buffers
+        cache = jax.tree.map(lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, axis=1), full, cache)
     return state, cache
+
+
+def cache_rows(cache) -> int:
+    return jax.tree.leaves(cache)[0].shape[1]

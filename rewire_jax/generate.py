@@ -23,6 +23,9 @@ from .model import batched_deltas
 from .rewire import RewireOptions, bucket_length, check_finite, init_opt_state, optimise_phase, random_layer_mask
 
 
+DECODE_CHUNK = 128   # tokens per decode call when no phase interrupts sooner
+
+
 @dataclasses.dataclass
 class PhaseRecord:
     """One optimisation phase. Arrays are per sequence ([B] or [B, L_moe])."""
@@ -109,8 +112,8 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     timing = {"optimise": 0.0, "prefill": 0.0, "decode": 0.0}
     phases: list[PhaseRecord] = []
     segment = opts.interval if opts and opts.continuous else max_new_tokens
-    if on_segment is not None and not (opts and opts.continuous):
-        segment = min(segment, 32)  # stream the baseline in small chunks
+    # decode in chunks (streaming; and each chunk attends over a window bucket, not the whole cache)
+    segment = min(segment, 32 if on_segment is not None and not (opts and opts.continuous) else DECODE_CHUNK)
     cache = None
 
     while True:
@@ -137,7 +140,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                                      np.asarray(out.scores), np.asarray(out.weights), t1 - t0, 0.0)
             t0 = time.perf_counter()
             logits, cache, loss_after = prefill(model.params, ctx, state.lengths, d, cfg, cache_len,
-                                               opts.loss if opts else "mean")
+                                               opts.loss if opts else None)
             logits.block_until_ready()
             timing["prefill"] += time.perf_counter() - t0
             state = state._replace(logits=logits)
@@ -148,8 +151,9 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                 if on_phase:
                     on_phase(record)
         t0 = time.perf_counter()
+        window = bucket_length(int(np.asarray(state.lengths).max()) + segment, cap=cache_len)
         state, cache = decode(model.params, state, cache, d, eos_arr, jnp.int32(max_new_tokens), cfg,
-                              sampling, segment)
+                              sampling, segment, window)
         jax.block_until_ready(state.num_new)
         timing["decode"] += time.perf_counter() - t0
         if on_segment:

@@ -1,0 +1,178 @@
+"""Speed paths: every MoE dispatch path equals the dense reference; the phase that computes the
+layers below the lowest updated layer once equals the plain phase; a whole multi-phase generation
+compiles a bounded set of programs."""
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rewire_jax
+from rewire_jax import RewireOptions, moe
+from rewire_jax import rewire as R
+from rewire_jax.api import Model
+from rewire_jax.bench import count_compiles
+from rewire_jax.config import ModelConfig
+from rewire_jax.model import init_params
+
+# (tokens, d, I, E, k, biases, activation)
+DISPATCH_CASES = [(64, 16, 12, 6, 3, True, "gptoss"), (3, 8, 4, 4, 2, True, "silu"),
+                  (150, 24, 16, 16, 4, False, "silu")]
+
+
+def _experts(rng, E, d, I, bias):
+    ex = {"gate_proj": rng.normal(size=(E, d, I)), "up_proj": rng.normal(size=(E, d, I)),
+          "down_proj": rng.normal(size=(E, I, d))}
+    if bias:
+        ex.update(gate_bias=rng.normal(size=(E, I)), up_bias=rng.normal(size=(E, I)), down_bias=rng.normal(size=(E, d)))
+    return {n: jnp.asarray(a / np.sqrt(a.shape[-2] if a.ndim == 3 else 4), jnp.float32) for n, a in ex.items()}
+
+
+@pytest.mark.parametrize("case", DISPATCH_CASES, ids=lambda c: f"N{c[0]}-E{c[3]}-k{c[4]}-{c[6]}{'-bias' if c[5] else ''}")
+def test_dispatch_paths_agree_with_dense(case):
+    """Outputs and gradients (tokens, combine weights, expert weights) of every path."""
+    N, d, I, E, k, bias, act = case
+    rng = np.random.default_rng(N)
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    ex = _experts(rng, E, d, I, bias)
+    # skewed routing: some experts get many rows, some none
+    logits = jnp.asarray(rng.normal(size=(N, E)) * 2 + np.linspace(0, 3, E), jnp.float32)
+    w, idx = jax.lax.top_k(jax.nn.softmax(logits), k)
+
+    def run(method, **kw):
+        fn = (lambda *a: moe.dispatch_blocked(*a, act, 1.5, **kw)) if kw else \
+             (lambda *a: moe.dispatch(*a, method, act, 1.5))
+
+        def loss(x, w, ex):
+            y = fn(x, w, idx, ex)
+            return jnp.sum(jnp.tanh(y)), y
+        (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, ex)
+        return y, g
+
+    y_ref, g_ref = run("dense")
+    for method, kw in (("gather", {}), ("blocked", {}), ("blocked", {"block": 8}), ("ragged", {})):
+        y, g = run(method, **kw)
+        np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5, err_msg=f"{method} {kw}")
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=f"{method} {kw} gradient")
+
+
+def test_dispatch_choice_is_per_backend_and_overridable(monkeypatch):
+    monkeypatch.delenv("REWIRE_JAX_DISPATCH", raising=False)
+    assert moe.choose_method(1, 4, 32, "cpu") == "gather"        # decode
+    assert moe.choose_method(512, 4, 32, "cpu") == "blocked"
+    assert moe.choose_method(512, 4, 32, "gpu") == "ragged"
+    assert moe.choose_method(512, 4, 32, "tpu") == "ragged"
+    monkeypatch.setenv("REWIRE_JAX_DISPATCH", "dense")
+    assert moe.choose_method(512, 4, 32, "cpu") == "dense"
+    with pytest.raises(ValueError, match="unknown MoE dispatch"):
+        moe.dispatch(jnp.zeros((2, 4)), jnp.ones((2, 1)), jnp.zeros((2, 1), jnp.int32),
+                     _experts(np.random.default_rng(0), 2, 4, 4, False), "nope")
+
+
+def test_padded_layout_is_exact_and_bounded():
+    idx = jnp.asarray(np.random.default_rng(0).integers(0, 5, (40, 3)), jnp.int32)
+    plan = moe.make_plan(idx, 5, 8)
+    P = moe.padded_rows(120, 5, 8)
+    assert plan.src.shape == (P,) and P % 8 == 0
+    src = np.asarray(plan.src)
+    assert sorted(src[src < 120].tolist()) == list(range(120))      # every row exactly once
+    dest = np.asarray(plan.dest).reshape(-1)
+    assert np.array_equal(src[dest], np.arange(120))
+    # each expert's rows lie inside its own blocks
+    for e in range(5):
+        rows = dest[np.asarray(idx).reshape(-1) == e]
+        b0, nb = int(plan.first_block[e]), int(plan.num_blocks[e])
+        assert rows.min(initial=b0 * 8) >= b0 * 8 and rows.max(initial=0) < (b0 + nb) * 8
+
+
+# -- the phase: layers below the lowest updated one computed once ----------------------------------
+
+CFG = ModelConfig(model_type="olmoe", vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                  head_dim=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                  moe_layers=(0, 1, 2, 3), qk_norm="flat")
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = jax.jit(lambda k: init_params(CFG, k))(jax.random.key(0))
+    p = jax.tree.map(lambda a: a * 4 if a.ndim > 1 else a, p)      # decisive routing and logits
+    flat = flax.traverse_util.flatten_dict(p, sep="/")
+    for k in flat:   # near-uniform routers on the top half: the largest Eq.-2 scores, so 'hard' picks them
+        if k.endswith("mlp/gate/kernel") and int(k.split("/")[0].split("_")[1]) >= 2:
+            flat[k] = flat[k] * 0.01
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+@pytest.mark.parametrize("opts", [dict(selection="hard"), dict(selection="last_k", last_k=1),
+                                  dict(selection="random", seed=1, soft_mode="grad")],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_cached_phase_equals_plain_phase(params, opts):
+    B, T = 2, 24
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 96, (B, T)), jnp.int32)
+    lengths, active = jnp.array([T, 17]), jnp.array([True, True])
+    rmask = R.random_layer_mask(RewireOptions(**opts), CFG.num_moe_layers, 0)
+    outs = {}
+    for cb in (False, True):
+        o = RewireOptions(cache_below=cb, **opts)
+        d0 = jnp.asarray(np.random.default_rng(2).normal(0, 0.1, (B, *CFG.delta_shape)), jnp.float32)
+        state = R.init_opt_state(o, d0)
+        # a phase on top of earlier ones: nonzero deltas and Adam moments
+        d0, state = R.masked_adam_update(o, d0 * 3, d0, state, jnp.ones((B, 4)), jnp.ones((B, 4), bool))
+        outs[cb] = R.optimise_phase(params, d0, state, tokens, lengths, active, jnp.asarray(rmask), CFG, o)
+    for a, b in zip(jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    moved = np.abs(np.asarray(outs[True].deltas) - np.asarray(outs[False].deltas)).max()
+    assert moved <= 1e-6
+    if opts["selection"] == "hard":   # the split really is above layer 0 here
+        assert np.all(np.asarray(outs[True].weights)[:, :2] == 0)
+
+
+def test_hard_phase_runs_backward_only_above_the_lowest_layer(params):
+    """The first step finds the lowest selected layer at run time; the rest start there."""
+    o = RewireOptions(selection="hard")
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 96, (1, 16)), jnp.int32)
+    d = jnp.zeros((1, *CFG.delta_shape))
+    _, _, split, x_split = R._first_step_jit(params, d, R.init_opt_state(o, d), tokens, jnp.array([16]),
+                                             jnp.array([True]), jnp.zeros(4, bool), R.hyper_array(o),
+                                             cfg=CFG, opts=R.static_options(o), dispatch="auto")
+    assert int(split) == 2 and x_split.shape == (1, 16, CFG.hidden_size)
+    assert R.host_split(RewireOptions(selection="last_k", last_k=1), CFG, None) == 3
+    assert R.host_split(RewireOptions(selection="soft"), CFG, None) == 0
+    assert R.host_split(RewireOptions(selection="hard", cache_below=False), CFG, None) == 0
+
+
+# -- compilation: bounded, and nothing recompiles for a new phase of an already seen length ----------
+
+BIG = ("_steps_impl", "_first_step_impl", "prefill", "decode")
+
+
+def _names(compiled):
+    return [n[4:-1] if n.startswith("jit(") else n for n in compiled]
+
+
+def test_generation_compiles_a_bounded_number_of_programs(params):
+    model = Model(CFG, params)
+    prompt = np.random.default_rng(3).integers(3, 96, 20).tolist()
+    opts = RewireOptions(interval=8, selection="soft", lr=0.01)
+    rewire_jax.generate(model, [prompt], 1, rewire=opts, eos_token_id=None)    # first-use eager ops
+    with count_compiles() as names:
+        out = rewire_jax.generate(model, [prompt], 60, rewire=opts, eos_token_id=None)
+    names = _names(names)
+    big = [n for n in names if n in BIG]
+    contexts = [int(p.context_len[0]) for p in out.phases]
+    assert len(out.phases) == 8 and contexts == list(range(20, 77, 8))
+    buckets = {R.bucket_length(c) for c in contexts}           # 32, 48, 64, 80: 4 length buckets
+    assert len(buckets) == 4
+    # one optimise and one prefill program per length bucket, one decode program per window
+    # bucket: 8 phases, never 8 compiles of each
+    assert big.count("_steps_impl") <= len(buckets) and big.count("prefill") <= len(buckets)
+    assert big.count("decode") <= len(buckets) + 1
+    assert len(names) - len(big) <= 10, names                   # nothing else of any size
+    # again, shorter (same KV cache size), other hyperparameters: no new program
+    with count_compiles() as again:
+        rewire_jax.generate(model, [prompt], 28, rewire=opts.replace(lr=0.02, eps=1e-4), eos_token_id=None,
+                            cache_len=80)
+    assert [n for n in _names(again) if n in BIG] == [], again
