@@ -272,8 +272,6 @@ def run(args) -> dict:
         import torch
         torch.set_flush_denormal(True)   # XLA flushes denormals too; without it torch is slower
         cuda = args.gpu and torch.cuda.is_available()
-        if cuda:
-            torch.set_default_device("cuda")
     hf = build_hf(shape, args.seed)
     tmp = tempfile.mkdtemp(prefix="rewire_bench_")
     hf.save_pretrained(tmp)
@@ -300,6 +298,11 @@ def run(args) -> dict:
     def torch_rows(dtype):
         tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         hf_dev = hf.to(dtype=tdt, device="cuda" if cuda else "cpu")
+        # the oracle makes its tensors on the default device: cuda inside this block only
+        with torch.device("cuda" if cuda else "cpu"):
+            _torch_rows(dtype, hf_dev)
+
+    def _torch_rows(dtype, hf_dev):
         try:
             hf_generate(hf_dev, prompt[:16], 4)   # warm-up
             toks, t = _best(lambda: hf_generate(hf_dev, prompt, n), args.repeats)
@@ -323,7 +326,7 @@ def run(args) -> dict:
                 result["tokens"]["torch_oracle"] = ref["tokens"]
                 print(f"  torch oracle: {rows[-1].seconds:.1f} s", flush=True)
         finally:
-            hf.to(dtype=torch.float32, device="cpu")
+            hf_dev.to(dtype=torch.float32, device="cpu")
 
     def jax_rows(dtype):
         model = rewire_jax.load(tmp, dtype=dtype)
