@@ -43,3 +43,12 @@ def loaded(hf_dirs):
             cache[name] = (tm, rewire_jax.load(d))
         return cache[name]
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop jit caches after every test module: hundreds of XLA:CPU executables kept alive in one
+    process crashed the compiler (SIGSEGV/abort in backend_compile) late in the suite."""
+    yield
+    import jax
+    jax.clear_caches()
