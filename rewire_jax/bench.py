@@ -430,7 +430,7 @@ def dispatch_table(shape: Shape, args) -> dict:
                 t = min(_timed(lambda: jax.block_until_ready(f(x, w))) for _ in range(5))
                 out[f"{dt} N={N} {method}"] = {"ms": 1e3 * t, "useful_gflops": 2 * 2 * 3 * N * k * d * I / t / 1e9}
         print("  dispatch fwd+bwd: " + ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in out.items() if dt in k), flush=True)
-    out["auto"] = {str(N): moe.choose_method(N, k, E) for N in (1, 256, 4096)}
+    out["auto"] = {str(N): moe.choose_method(N, k, E, hidden=d, inter=I) for N in (1, 256, 1024, 4096)}
     return out
 
 

@@ -23,7 +23,7 @@ from .model import batched_deltas
 from .rewire import RewireOptions, bucket_length, check_finite, init_opt_state, optimise_phase, random_layer_mask
 
 
-DECODE_CHUNK = 128   # tokens per decode call when no phase interrupts sooner
+DECODE_CHUNK = 128   # tokens per decode call when no phase comes between (baseline, continuous=False)
 
 
 @dataclasses.dataclass
@@ -111,9 +111,10 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     eos_arr = jnp.asarray(np.array(eos, np.int32).reshape(-1))
     timing = {"optimise": 0.0, "prefill": 0.0, "decode": 0.0}
     phases: list[PhaseRecord] = []
-    segment = opts.interval if opts and opts.continuous else max_new_tokens
-    # decode in chunks (streaming; and each chunk attends over a window bucket, not the whole cache)
-    segment = min(segment, 32 if on_segment is not None and not (opts and opts.continuous) else DECODE_CHUNK)
+    if opts and opts.continuous:
+        segment = opts.interval   # one phase per segment
+    else:   # decode in chunks (streaming; and each chunk attends over a window bucket of the cache)
+        segment = min(max_new_tokens, 32 if on_segment is not None else DECODE_CHUNK)
     cache = None
 
     while True:

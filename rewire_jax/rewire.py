@@ -1,4 +1,5 @@
-"""The in-context routing optimisation (phase 1 of the paper's cycle), as one jitted call.
+"""The in-context routing optimisation (phase 1 of the paper's cycle), as one jitted call (two for
+'hard' / 'reverse' selection).
 
     rewire = rewire_jax.rewirer(model.config)            # or Rewirer(config, RewireOptions(...))
     out = rewire.step(params, deltas, tokens)            # n Adam steps on the context
@@ -14,11 +15,14 @@ See shared/docs/rewiring-algorithm.md for every choice and README "Options".
 Speed (same results as the plain path, which the tests check):
 - Layers below the lowest *updated* layer do not change during a phase (their deltas are frozen
   and the model weights always are). With `cache_below=True` (default) their output is computed
-  once per phase and the n steps run forward + backward only from there: statically for
-  selection='last_k', and for 'hard' / 'reverse' / 'random' (lowest layer known only at run time)
-  by one forward pass that records every layer boundary, then a `lax.cond` per layer that takes the
-  recorded boundary instead of recomputing below the lowest selected layer (one compiled program
-  for every split point). 'soft' / 'all' update layer 0, so there is nothing to skip.
+  once per phase and the n steps run forward + backward only from there (`_steps_impl`, one
+  compiled program per split point). The split is known before the phase for 'last_k' and
+  'random'; for 'hard' / 'reverse' it comes from the first step's scores, so the first step
+  (`_first_step_impl`) runs layer by layer keeping each layer's VJP, selects, then runs the
+  backward only through the layers above the lowest selected one (a lax.switch per layer) and
+  hands the hidden state at the split to the remaining n-1 steps. Split points are rounded down to
+  quarters of the depth (SPLIT_GRID), so at most 4 such programs per context length.
+  'soft' / 'all' update layer 0: nothing to skip.
 - Numeric hyperparameters (lr, betas, eps, weight decay) are traced, not static: changing them
   does not recompile. Options that change the program (steps, selection, ...) are static.
 - Weights are never differentiated: gradients are taken w.r.t. the deltas only.

@@ -63,8 +63,9 @@ def test_dispatch_choice_is_per_backend_and_overridable(monkeypatch):
     monkeypatch.delenv("REWIRE_JAX_DISPATCH", raising=False)
     assert moe.choose_method(1, 4, 32, "cpu") == "gather"        # decode
     assert moe.choose_method(512, 4, 32, "cpu") == "blocked"
-    assert moe.choose_method(512, 4, 32, "gpu") == "ragged"
-    assert moe.choose_method(512, 4, 32, "tpu") == "ragged"
+    assert moe.choose_method(512, 8, 64, "gpu", 2048, 1024) == "ragged"     # OLMoE-1B-7B size
+    assert moe.choose_method(512, 8, 64, "tpu", 2048, 1024) == "ragged"
+    assert moe.choose_method(1024, 4, 32, "gpu", 512, 256) == "dense"        # small: latency-bound
     monkeypatch.setenv("REWIRE_JAX_DISPATCH", "dense")
     assert moe.choose_method(512, 4, 32, "cpu") == "dense"
     with pytest.raises(ValueError, match="unknown MoE dispatch"):
@@ -176,3 +177,18 @@ def test_generation_compiles_a_bounded_number_of_programs(params):
         rewire_jax.generate(model, [prompt], 28, rewire=opts.replace(lr=0.02, eps=1e-4), eos_token_id=None,
                             cache_len=80)
     assert [n for n in _names(again) if n in BIG] == [], again
+
+
+def test_decode_chunks_and_windows_change_nothing(params, monkeypatch):
+    """Decoding in chunks over window buckets of the cache gives the same tokens and phases."""
+    import importlib
+    G = importlib.import_module("rewire_jax.generate")   # the module (the package exports the function)
+    model = Model(CFG, params)
+    prompt = np.random.default_rng(4).integers(3, 96, 13).tolist()
+    opts = RewireOptions(interval=8, lr=0.01)
+    ref = [rewire_jax.generate(model, [prompt], 20, rewire=o, eos_token_id=None) for o in (None, opts)]
+    monkeypatch.setattr(G, "DECODE_CHUNK", 3)
+    out = [rewire_jax.generate(model, [prompt], 20, rewire=o, eos_token_id=None) for o in (None, opts)]
+    assert [r.tokens for r in out] == [r.tokens for r in ref]
+    assert len(out[1].phases) == len(ref[1].phases) == 3       # phases every `interval`, not every chunk
+    np.testing.assert_allclose(out[1].deltas, ref[1].deltas, atol=1e-6)
