@@ -1,7 +1,8 @@
 """Attention modules (Flax linen) shared by every family, plus the small Dense / RMSNorm / MLP blocks.
 
 Both attention modules share one contract: `__call__(x, positions, cache=None, kv_valid=None)`
--> (out [B, T, d], cache entry). With cache=None they attend within the chunk (prefill, training)
+-> (out [B, T, d], cache entry). With cache=None they attend within the chunk (prefill, training;
+positions must increase along T, as `positions_for` makes them: causal blocks skip the rest)
 and return this chunk's entry (a dict of [B, T, ...] arrays; decode.prefill pads it to the cache
 length along axis 1). With a cache entry they write the chunk at `positions` and attend over the
 whole buffer (decode). Token t of sequence b always lives in row t, so a sliding-window layer keeps
@@ -108,7 +109,8 @@ class GQAAttention(nn.Module):
             k, v = new["k"], new["v"]
         mask = _self_or_cached_mask(positions, None if cache is None else k.shape[1], kv_valid,
                                     c.window(self.layer))
-        out = L.attend(q, k, v, mask, c.head_dim ** -0.5, self.sinks if c.attention_sinks else None)
+        out = L.attend(q, k, v, mask, c.head_dim ** -0.5, self.sinks if c.attention_sinks else None,
+                       causal=cache is None, window=c.window(self.layer))
         return self.o_proj(out.reshape(B, T, -1)), new
 
 
@@ -175,7 +177,7 @@ class MLAttention(nn.Module):
             k = jnp.concatenate([kv[..., :Dn], jnp.broadcast_to(k_pe[:, :, None], (B, T, H, m.qk_rope_head_dim))], -1)
             q = jnp.concatenate([q_nope, q_pe], -1)
             mask = L.attention_mask(positions, positions, kv_valid, c.window(self.layer))
-            out = L.attend(q, k, kv[..., Dn:], mask, scale)
+            out = L.attend(q, k, kv[..., Dn:], mask, scale, causal=True, window=c.window(self.layer))
             return self.o_proj(out.reshape(B, T, -1)), {"latent": latent, "k_pe": k_pe}
         new = {"latent": L.write_cache(cache["latent"], latent, positions[:, 0]),
                "k_pe": L.write_cache(cache["k_pe"], k_pe, positions[:, 0])}

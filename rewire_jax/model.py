@@ -182,7 +182,8 @@ def positions_for(tokens):
 
 def forward(params: Params, tokens, deltas, cfg: ModelConfig, positions=None, kv_valid=None,
             dispatch_method: str = "auto"):
-    """Full (teacher-forced) forward, no cache. tokens [B, T] -> (logits [B, T, V] fp32, aux)."""
+    """Full (teacher-forced) forward, no cache. tokens [B, T] -> (logits [B, T, V] fp32, aux).
+    positions [B, T] (default 0..T-1) must be strictly increasing integers along T."""
     positions = positions_for(tokens) if positions is None else positions
     logits, _, aux = get_module(cfg, dispatch_method).apply(
         {"params": params}, tokens, positions, deltas, None, kv_valid)
