@@ -13,7 +13,7 @@ import rewire_jax
 from rewire_jax import RewireOptions, moe
 from rewire_jax import rewire as R
 from rewire_jax.api import Model
-from rewire_jax.bench import count_compiles
+from rewire_jax.perf import count_compiles
 from rewire_jax.config import ModelConfig
 from rewire_jax.model import init_params
 
