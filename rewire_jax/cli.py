@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--json", metavar="OUT", help="write tokens, text, deltas and phases to this JSON file")
     g.add_argument("--quiet", action="store_true", help="no streaming / per-phase lines")
+    g.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("REWIRE_JAX_COMPILE_CACHE"),
+                   help="keep compiled XLA programs in DIR (JAX's persistent compilation cache; env "
+                        "REWIRE_JAX_COMPILE_CACHE): a rerun skips most compilation. Use one DIR per "
+                        "machine type (compiled code is specific to the host's CPU/GPU)")
     return p
 
 
@@ -93,6 +98,10 @@ def generate_main(a) -> int:
 
     from .api import load
 
+    if a.compile_cache:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", str(Path(a.compile_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     model_dir = a.model or DEMO_MODEL
     if a.model is None and not (DEMO_MODEL / "config.json").exists():
         print("error: the bundled demo model is missing from this install; pass --model DIR", file=sys.stderr)

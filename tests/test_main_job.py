@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from rewire_jax.cli import DEMO_MODEL
@@ -18,12 +17,11 @@ def test_main_command_offline(tmp_path):
     exe = Path(sys.executable).parent / "rewire-jax"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rewire_jax.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.perf_counter()
+    cache = tmp_path / "xla"
     r = subprocess.run(cmd + ["generate", "--prompt", "def fibonacci(n):", "--compare", "--max-new-tokens", "24",
-                              "--interval", "8", "--json", str(tmp_path / "o.json")],
+                              "--interval", "8", "--json", str(tmp_path / "o.json"), "--compile-cache", str(cache)],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
-    wall = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
+    assert any(cache.iterdir()), "--compile-cache wrote no compiled programs"
     assert "===== baseline" in r.stdout and "===== rewired" in r.stdout and "def fibonacci(n):" in r.stdout
     assert "phase @" in r.stdout
-    assert wall < 120  # README promises < 60 s for the default length; generous for a loaded CI box
