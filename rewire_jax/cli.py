@@ -100,7 +100,13 @@ def generate_main(a) -> int:
 
     if a.compile_cache:
         import jax
-        jax.config.update("jax_compilation_cache_dir", str(Path(a.compile_cache).expanduser()))
+        cache_dir = Path(a.compile_cache).expanduser()
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--compile-cache {a.compile_cache!r} is not a usable directory ({e}); "
+                             f"pass a writable directory or leave the option out") from None
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     model_dir = a.model or DEMO_MODEL
     if a.model is None and not (DEMO_MODEL / "config.json").exists():

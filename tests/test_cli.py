@@ -49,3 +49,6 @@ def test_cli_errors_are_clear(hf_dirs, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = run("--model", str(d), "--prompt-ids", "1", "--selection", "bogus")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    (tmp_path / "a_file").write_text("")
+    r = run("--model", str(d), "--prompt-ids", "1", "--compile-cache", str(tmp_path / "a_file"))
+    assert r.returncode == 2 and "--compile-cache" in r.stderr and "not a usable directory" in r.stderr
