@@ -217,6 +217,14 @@ def llama_experts(src: TensorSource, prefix: str, num_experts: int,
     return {"gate_proj": per(g), "up_proj": per(u), "down_proj": per(dn)}
 
 
+def routed_moe(src: TensorSource, prefix: str, num_experts: int,
+               names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> dict:
+    """A sparse MoE block: router `{prefix}.gate.weight` [E, d] -> {'gate': {'kernel' [d, E]}} plus
+    the SwiGLU experts under `{prefix}.experts` (`llama_experts`)."""
+    return {"gate": {"kernel": transpose(src.take(f"{prefix}.gate.weight"))},
+            **llama_experts(src, f"{prefix}.experts", num_experts, names)}
+
+
 # -- the whole checkpoint --------------------------------------------------------------------
 
 def lazy_params(cfg: ModelConfig, src: TensorSource) -> dict:

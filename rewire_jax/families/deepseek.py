@@ -15,8 +15,7 @@ import re
 
 from ..config import (ConfigError, MLAConfig, ModelConfig, RouterConfig, hf_common, register_family,
                       rope_from_hf)
-from ..hf_io import (TensorSource, decoder_params, dense_mlp, linear, llama_experts, norm,
-                     register_converter, transpose)
+from ..hf_io import TensorSource, decoder_params, dense_mlp, linear, norm, register_converter, routed_moe
 
 V2_TOPK_METHODS = {"greedy": "softmax_topk", "group_limited_greedy": "group_limited"}
 
@@ -82,8 +81,7 @@ def convert(cfg: ModelConfig, src: TensorSource) -> dict:
         if cfg.moe_index(i) is None:
             mlp = dense_mlp(src, f"{p}.mlp")
         else:
-            mlp = {"gate": {"kernel": transpose(src.take(f"{p}.mlp.gate.weight"))},
-                   **llama_experts(src, f"{p}.mlp.experts", cfg.num_experts)}
+            mlp = routed_moe(src, f"{p}.mlp", cfg.num_experts)
             if cfg.router.kind == "sigmoid_group":
                 mlp["e_score_correction_bias"] = src.take(f"{p}.mlp.gate.e_score_correction_bias")
             if cfg.shared_expert_size:

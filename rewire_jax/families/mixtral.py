@@ -8,7 +8,7 @@ fused `mlp.experts.gate_up_proj` / `down_proj`. Both are accepted.
 from __future__ import annotations
 
 from ..config import ModelConfig, hf_common, register_family, rope_from_hf
-from ..hf_io import TensorSource, decoder_params, gqa_attention, llama_experts, register_converter, transpose
+from ..hf_io import TensorSource, decoder_params, gqa_attention, register_converter, routed_moe
 
 
 @register_family("mixtral")
@@ -26,7 +26,6 @@ def parse(hf: dict) -> ModelConfig:
 def convert(cfg: ModelConfig, src: TensorSource) -> dict:
     def layer(i: int, p: str) -> dict:
         moe = f"{p}.block_sparse_moe" if src.has(f"{p}.block_sparse_moe.gate.weight") else f"{p}.mlp"
-        mlp = {"gate": {"kernel": transpose(src.take(f"{moe}.gate.weight"))},
-               **llama_experts(src, f"{moe}.experts", cfg.num_experts, names=("w1", "w3", "w2"))}
+        mlp = routed_moe(src, moe, cfg.num_experts, names=("w1", "w3", "w2"))
         return {"self_attn": gqa_attention(src, f"{p}.self_attn", cfg), "mlp": mlp}
     return decoder_params(cfg, src, layer)

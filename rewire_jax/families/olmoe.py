@@ -3,7 +3,7 @@ softmax-top-k MoE (spec: shared/docs/moe-architectures.md section 2.1)."""
 from __future__ import annotations
 
 from ..config import ModelConfig, register_family, rope_from_hf, token_ids
-from ..hf_io import TensorSource, decoder_params, gqa_attention, llama_experts, register_converter, transpose
+from ..hf_io import TensorSource, decoder_params, gqa_attention, register_converter, routed_moe
 
 
 @register_family("olmoe")
@@ -32,7 +32,6 @@ def parse(hf: dict) -> ModelConfig:
 @register_converter("olmoe")
 def convert(cfg: ModelConfig, src: TensorSource) -> dict:
     def layer(i: int, p: str) -> dict:
-        mlp = {"gate": {"kernel": transpose(src.take(f"{p}.mlp.gate.weight"))},
-               **llama_experts(src, f"{p}.mlp.experts", cfg.num_experts)}
+        mlp = routed_moe(src, f"{p}.mlp", cfg.num_experts)
         return {"self_attn": gqa_attention(src, f"{p}.self_attn", cfg), "mlp": mlp}
     return decoder_params(cfg, src, layer)

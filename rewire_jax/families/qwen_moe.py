@@ -9,8 +9,8 @@ Both: softmax-top-k router; `decoder_sparse_step` / `mlp_only_layers` make some 
 from __future__ import annotations
 
 from ..config import ConfigError, ModelConfig, hf_common, register_family, rope_from_hf
-from ..hf_io import (TensorSource, decoder_params, dense_mlp, gqa_attention, linear, llama_experts,
-                     register_converter, transpose)
+from ..hf_io import (TensorSource, decoder_params, dense_mlp, gqa_attention, linear, register_converter,
+                     routed_moe)
 
 
 def moe_layers(hf: dict) -> tuple[int, ...]:
@@ -66,8 +66,7 @@ def convert(cfg: ModelConfig, src: TensorSource) -> dict:
         if cfg.moe_index(i) is None:
             mlp = dense_mlp(src, f"{p}.mlp")
         else:
-            mlp = {"gate": {"kernel": transpose(src.take(f"{p}.mlp.gate.weight"))},
-                   **llama_experts(src, f"{p}.mlp.experts", cfg.num_experts)}
+            mlp = routed_moe(src, f"{p}.mlp", cfg.num_experts)
             if cfg.shared_expert_size:
                 mlp["shared_expert"] = dense_mlp(src, f"{p}.mlp.shared_expert")
                 mlp["shared_expert_gate"] = linear(src, f"{p}.mlp.shared_expert_gate")
