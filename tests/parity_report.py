@@ -10,11 +10,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 import hf_models  # noqa: E402
 import rewire_jax  # noqa: E402
-from torch_reference import deltas_injected  # noqa: E402
+from torch_reference import hf_logits  # noqa: E402
 
 
 def max_diffs(name: str, seq_len: int = 13) -> tuple[float, float, float]:
@@ -24,10 +23,7 @@ def max_diffs(name: str, seq_len: int = 13) -> tuple[float, float, float]:
         model = rewire_jax.load(d)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, seq_len))
     delta = np.random.default_rng(1).normal(0, 1.0, model.config.delta_shape).astype(np.float32)
-    with torch.no_grad():
-        ref0 = tm(torch.tensor(ids)).logits.numpy()
-        with deltas_injected(tm, torch.tensor(delta)):
-            ref1 = tm(torch.tensor(ids)).logits.numpy()
+    ref0, ref1 = hf_logits(tm, ids), hf_logits(tm, ids, delta)
     d0 = float(np.abs(np.asarray(model(ids)) - ref0).max())
     d1 = float(np.abs(np.asarray(model(ids, delta)) - ref1).max())
     return d0, d1, float(np.abs(ref0).max())

@@ -27,20 +27,12 @@ from rewire_jax.config import ConfigError
 from rewire_jax.layers import rope_inv_freq
 from rewire_jax.model import param_shapes
 from rewire_jax.mxfp4 import FP4_VALUES
-from torch_reference import deltas_injected, reference_generate
+from torch_reference import hf_logits, reference_generate
 
 ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2_lite", "deepseek_v2_glg", "deepseek_v3", "gpt_oss"]
 MOE_LAYERS = {"qwen2_moe": (0, 2), "deepseek_v2_lite": (1, 2), "deepseek_v2_glg": (1, 2), "deepseek_v3": (1, 2)}
 FIXTURES = Path(__file__).parent / "fixtures"
 T = 16
-
-
-def hf_logits(tm, ids, deltas=None):
-    with torch.no_grad():
-        if deltas is None:
-            return tm(torch.tensor(ids)).logits.numpy()
-        with deltas_injected(tm, torch.tensor(np.asarray(deltas), dtype=torch.float32)):
-            return tm(torch.tensor(ids)).logits.numpy()
 
 
 def random_delta(model, seed=1):

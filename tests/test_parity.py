@@ -8,17 +8,9 @@ from safetensors.torch import save_file
 
 import hf_models
 import rewire_jax
-from torch_reference import deltas_injected
+from torch_reference import hf_logits
 
 OLMOE = ["olmoe", "olmoe_gqa_clip_norm", "olmoe_tied"]
-
-
-def hf_logits(tm, ids, deltas=None):
-    with torch.no_grad():
-        if deltas is None:
-            return tm(torch.tensor(ids)).logits.numpy()
-        with deltas_injected(tm, torch.tensor(np.asarray(deltas), dtype=torch.float32)):
-            return tm(torch.tensor(ids)).logits.numpy()
 
 
 @pytest.mark.parametrize("name", OLMOE)

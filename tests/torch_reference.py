@@ -101,6 +101,16 @@ def deltas_injected(hf_model, deltas):
             h.remove()
 
 
+def hf_logits(hf_model, ids, deltas=None):
+    """Logits [B, T, V] (numpy) of the HF model on token ids [B, T], with deltas [L_moe, E] added to
+    the router logits (`deltas_injected`) when given."""
+    with torch.no_grad():
+        if deltas is None:
+            return hf_model(torch.tensor(ids)).logits.numpy()
+        with deltas_injected(hf_model, torch.tensor(np.asarray(deltas), dtype=torch.float32)):
+            return hf_model(torch.tensor(ids)).logits.numpy()
+
+
 # --------------------------------------------------------------------------- pieces of a phase
 
 
