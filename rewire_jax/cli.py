@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep compiled XLA programs in DIR (JAX's persistent compilation cache; env "
                         "REWIRE_JAX_COMPILE_CACHE): a rerun skips most compilation. Use one DIR per "
                         "machine type (compiled code is specific to the host's CPU/GPU)")
+    from .eval import cli as eval_cli
+    eval_cli.add_parser(sub)
     return p
 
 
@@ -163,6 +165,9 @@ def main(argv=None) -> int:
     try:
         if a.command == "generate":
             return generate_main(a)
+        if a.command == "eval":
+            from .eval import cli as eval_cli
+            return eval_cli.main(a)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
