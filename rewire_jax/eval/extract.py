@@ -83,14 +83,15 @@ def last_boxed(text: str) -> Optional[str]:
 
 
 def extract_integer(text: str) -> Optional[int]:
-    """AIME answer (an integer): the last \\boxed{} (latex like \\text{}, '$', ',' removed), else after
-    the last 'answer is', else the last integer in the text."""
+    """AIME answer (an integer): the last \\boxed{} (\\text{}, '$', spaces and thousands commas
+    removed; a box that is not an integer, e.g. a fraction, gives None), else the number after the
+    last 'answer is', else the last integer in the text."""
     boxed = last_boxed(text)
-    cands = []
     if boxed is not None:
-        cands.append(re.sub(r"\\text\{([^}]*)\}|\\mathrm\{([^}]*)\}", r"\1\2", boxed))
-    cands += list(reversed(re.findall(r"answer is[:\s]*([^\n]*)", text, flags=re.IGNORECASE)))
-    for c in cands:
+        b = re.sub(r"\\(?:text|mathrm|mathbf)\{([^}]*)\}", r"\1", boxed)
+        b = re.sub(r"[\s$]|\\!|\\,", "", b).replace(",", "").rstrip(".")
+        return int(b) if re.fullmatch(r"-?\d+", b) else None
+    for c in reversed(re.findall(r"answer is[:\s]*([^\n]*)", text, flags=re.IGNORECASE)):
         n = normalize_number(c)
         if n is not None and re.fullmatch(r"-?\d+", n):
             return int(n)
