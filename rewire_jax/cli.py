@@ -65,8 +65,7 @@ def _options(a):
 
 
 def _run(model, prompt, a, rewire, label: str):
-    from .decode import Sampling
-    from .generate import generate
+    from .generation import Sampling, generate
 
     printed = [0]
     stream = not a.quiet

@@ -17,7 +17,7 @@ clipping) on
 
 computed from the model's router aux (`aux["logits"]`, `aux["idx"]`) with zero deltas.
 
-Written to DIR (atomically, via `rewire_jax.export.save_hf`): config.json, model.safetensors,
+Written to DIR (atomically, via `rewire_jax.io.export.save_hf`): config.json, model.safetensors,
 the tokenizer files, MODEL_CARD.md, metrics.jsonl (the loss curve) and loss_curve.png (only if
 matplotlib is installed). While it runs, the tokenizer and the growing metrics.jsonl live in a
 temporary directory (or in `--work-dir`, which is kept).
@@ -41,11 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rewire_jax.config import ModelConfig, RopeConfig
 from rewire_jax.demo import corpus, data
 from rewire_jax.demo import tokenizer as demo_tokenizer
-from rewire_jax.export import save_hf
-from rewire_jax.model import forward, init_params, zero_deltas
+from rewire_jax.io.export import save_hf
+from rewire_jax.model import ModelConfig, RopeConfig, cross_entropy, forward, init_params, zero_deltas
 
 #: Greedy samples for the model card. A prompt ending in "\n" stops at a token boundary the
 #: tokenizer never produces inside code (it merges "\n" with the next line's indentation), so the
@@ -128,15 +127,10 @@ def router_losses(router_logits, idx, num_experts: int):
     return lb, z
 
 
-def token_ce(logits, targets):
-    """logits [B, T, V] fp32, targets [B, T] -> per-token cross-entropy [B, T]."""
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-
-
 def loss_fn(params, batch, cfg: ModelConfig, aux_coef: float, z_coef: float):
     tokens, targets = batch[:, :-1], batch[:, 1:]
     logits, aux = forward(params, tokens, zero_deltas(cfg, tokens.shape[0]), cfg)
-    ce = jnp.mean(token_ce(logits, targets))
+    ce = jnp.mean(cross_entropy(logits, targets))
     lb, z = router_losses(aux["logits"], aux["idx"], cfg.num_experts)
     return ce + aux_coef * lb + z_coef * z, {"ce": ce, "lb": lb, "z": z}
 
@@ -175,7 +169,7 @@ def make_eval_step(cfg: ModelConfig):
         weighted expert counts [L, E] over the batch's tokens)."""
         tokens, targets = batch[:, :-1], batch[:, 1:]
         logits, aux = forward(params, tokens, zero_deltas(cfg, tokens.shape[0]), cfg)
-        ce = jnp.sum(token_ce(logits, targets) * row_weight[:, None])
+        ce = jnp.sum(cross_entropy(logits, targets) * row_weight[:, None])
         onehot = jax.nn.one_hot(aux["idx"], cfg.num_experts, dtype=jnp.float32)  # [B, L, T, k, E]
         counts = jnp.einsum("bltke,b->le", onehot, row_weight)
         return ce, counts

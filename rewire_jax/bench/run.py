@@ -11,10 +11,10 @@ same weights. Rows:
 
   HF generate            transformers `generate`, greedy, KV cache (the baseline everyone uses)
   torch rewired          the rewiring cycle the PyTorch way: the phases of the tests' oracle
-                         (tests/torch_reference.py `_phase`: n Adam steps, full forward + backward
+                         (rewire_jax/bench/torch_reference.py `_phase`: n Adam steps, full forward + backward
                          per step) and a KV-cache greedy decode of each segment with the deltas
                          injected into the routers (prefill of the context after every phase)
-  torch oracle           (--with-oracle) tests/torch_reference.py `reference_generate` itself: no KV
+  torch oracle           (--with-oracle) rewire_jax/bench/torch_reference.py `reference_generate` itself: no KV
                          cache, a full forward per token; slow, and checks the tokens
   rewire_jax baseline    `rewire_jax.generate(model, prompt, n)` (no rewiring)
   rewire_jax rewired     `rewire_jax.generate(..., rewire=RewireOptions(...))`
@@ -72,11 +72,7 @@ def build_hf(shape: Shape, seed: int = 0):
 # -- the PyTorch way ---------------------------------------------------------------------------------
 
 def _torch_reference():
-    here = Path(__file__).resolve().parent.parent / "tests"
-    if not (here / "torch_reference.py").exists():
-        raise FileNotFoundError("tests/torch_reference.py not found: run from a source checkout")
-    sys.path.insert(0, str(here))
-    import torch_reference
+    from . import torch_reference   # imports torch: only when the PyTorch rows run
     return torch_reference
 
 
@@ -351,7 +347,7 @@ def dispatch_table(shape: Shape, args) -> dict:
     prefill / phase shapes, every dispatch path, on the default device: checks the automatic choice."""
     import jax
     import jax.numpy as jnp
-    from rewire_jax import moe
+    from rewire_jax.model import dispatch as moe
     E, k, d, I = shape.experts, shape.top_k, shape.hidden, shape.intermediate
     out = {}
     for dt in args.dtypes:
@@ -514,7 +510,7 @@ def main(argv=None):
     p.add_argument("--split-context", type=int, default=None, help="context of the split comparison (default: prompt)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-split", action="store_true")
-    p.add_argument("--with-oracle", action="store_true", help="also run tests/torch_reference.reference_generate")
+    p.add_argument("--with-oracle", action="store_true", help="also run torch_reference.reference_generate")
     p.add_argument("--gpu", action="store_true", help="GPU/TPU run: torch on CUDA when available; fp32 + bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
