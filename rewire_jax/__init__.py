@@ -17,8 +17,7 @@ import importlib as _importlib  # noqa: E402
 
 _decode = _importlib.import_module(f"{__name__}.generation.decode")   # the package exports the function
 from .io import checkpoint as _checkpoint, export as _export, families as _families, mxfp4 as _mxfp4  # noqa: E402
-from .model import (attention as _attention, config as _config, dispatch as _dispatch, layers as _layers,  # noqa: E402
-                    routers as _routers)
+from .model import attention as _attention, dispatch as _dispatch, layers as _layers, routers as _routers  # noqa: E402
 
 from .io import hf as _hf  # noqa: E402
 from .bench import perf as _perf  # noqa: E402

@@ -16,7 +16,6 @@ are the paper's defaults.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import sys

@@ -8,13 +8,8 @@ router, so the chosen set is always the one the model actually used.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
 
 
 def token_confidence(logits_fp32, idx):
@@ -98,8 +93,9 @@ ROUTERS = {"softmax_topk": _softmax_topk, "group_limited": _group_limited,
            "topk_softmax": _topk_softmax, "sigmoid_group": _sigmoid_group}
 
 
-def route(logits, cfg: "ModelConfig", correction_bias=None):
-    """z~ [N, E] fp32 -> (weights [N, k] fp32 incl. routed_scaling_factor, idx [N, k] int32)."""
+def route(logits, cfg, correction_bias=None):
+    """z~ [N, E] fp32 -> (weights [N, k] fp32 incl. routed_scaling_factor, idx [N, k] int32).
+    cfg: the ModelConfig (not imported here: config.py validates router kinds against ROUTERS)."""
     if cfg.router.kind not in ROUTERS:
         raise ValueError(f"unknown router kind {cfg.router.kind!r}")
     weights, idx = ROUTERS[cfg.router.kind](logits, cfg, correction_bias)
