@@ -10,7 +10,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,9 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, config as config_lib, hf_io
-from .config import ModelConfig
-from .model import batched_deltas, forward
+from .io import checkpoint, families, hf
+from .model import ModelConfig, batched_deltas, forward
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,31 +62,48 @@ def check_token_ids(token_ids, vocab_size: int) -> jnp.ndarray:
     return jnp.asarray(tokens, jnp.int32)
 
 
+def import_transformers():
+    """transformers, imported without its "PyTorch was not found" notice (we only use its
+    tokenizers and configs, which need no torch)."""
+    if "transformers" not in sys.modules:
+        old = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if old is None:
+                del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+            else:
+                os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = old
+    return sys.modules["transformers"]
+
+
 def load_tokenizer(path: str | Path):
     path = Path(path)
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
+    return import_transformers().AutoTokenizer.from_pretrained(str(path))
 
 
-def load(path: str | Path, dtype: str = "float32", progress: bool = False) -> Model:
+def load(path: str | Path, dtype: str = "float32", progress: bool = False, dispatch: Optional[str] = None) -> Model:
     """Load an HF model directory (config.json + safetensors, single file or sharded, per-expert or
     fused expert layout) or a directory written by `python -m convert`.
 
     dtype: 'float32' (default) or 'bfloat16' for params and activations (router softmax, deltas
     and losses always run in float32).
+    dispatch: how the routed experts are computed ('auto', 'dense', 'gather', 'blocked', 'ragged';
+    see rewire_jax.model.dispatch); stored in `model.config.dispatch`.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     dtype = str(jnp.dtype(dtype))
     if checkpoint.is_converted(path):
-        cfg, params = checkpoint.load_converted(path)
-        cfg = cfg.replace(dtype=dtype)
+        cfg, params = checkpoint.load_converted(path, dtype)
     else:
-        cfg = config_lib.from_hf(config_lib.load_hf_config(path), dtype=dtype)
-        params = hf_io.materialise(hf_io.lazy_params(cfg, hf_io.TensorSource.from_dir(path)),
-                                   np.dtype(jnp.dtype(dtype)), progress=progress)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        cfg = families.from_hf(families.load_hf_config(path), dtype=dtype)
+        params = hf.read_params(path, cfg, progress)
+    if dispatch is not None:
+        cfg = cfg.replace(dispatch=dispatch)
+    params = jax.tree.map(jnp.asarray, params)
     return Model(cfg, params, load_tokenizer(path), str(path))

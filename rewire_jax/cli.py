@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="sampling PRNG seed (and random selection)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged"), default="auto",
+                   help="how the routed experts are computed (all exact; auto picks per backend and shape)")
     g.add_argument("--json", metavar="OUT", help="write tokens, text, deltas and phases to this JSON file")
     g.add_argument("--quiet", action="store_true", help="no streaming / per-phase lines")
     g.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("REWIRE_JAX_COMPILE_CACHE"),
@@ -67,8 +69,7 @@ def _options(a):
 
 
 def _run(model, prompt, a, rewire, label: str):
-    from .decode import Sampling
-    from .generate import generate
+    from .generation import Sampling, generate
 
     printed = [0]
     stream = not a.quiet
@@ -115,7 +116,7 @@ def generate_main(a) -> int:
         print("error: the bundled demo model is missing from this install; pass --model DIR", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model = load(model_dir, dtype=a.dtype)
+    model = load(model_dir, dtype=a.dtype, dispatch=a.dispatch)
     t_load = time.perf_counter() - t0
     if a.prompt_ids:
         try:
@@ -161,6 +162,8 @@ def generate_main(a) -> int:
 
 
 def main(argv=None) -> int:
+    # transformers' "PyTorch was not found" notice: this CLI uses only its tokenizers (no torch needed)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     a = _parser().parse_args(argv)
     try:
         if a.command == "generate":

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 import hf_models  # noqa: E402
 import rewire_jax  # noqa: E402
-from torch_reference import hf_logits  # noqa: E402
+from rewire_jax.bench.torch_reference import hf_logits  # noqa: E402
 
 
 def max_diffs(name: str, seq_len: int = 13) -> tuple[float, float, float]:

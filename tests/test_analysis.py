@@ -3,7 +3,7 @@ import numpy as np
 
 import hf_models
 from rewire_jax import analysis
-from rewire_jax.layers import token_confidence
+from rewire_jax.model.routers import token_confidence
 
 
 def test_pathway_strings_and_distances():

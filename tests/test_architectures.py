@@ -22,12 +22,13 @@ from safetensors.torch import save_file
 import hf_models
 import rewire_jax
 from rewire_jax import RewireOptions, config as config_lib, hf_io
+from rewire_jax.model import layer_params
 from rewire_jax.attention import mla_softmax_scale
 from rewire_jax.config import ConfigError
 from rewire_jax.layers import rope_inv_freq
 from rewire_jax.model import param_shapes
 from rewire_jax.mxfp4 import FP4_VALUES
-from torch_reference import hf_logits, reference_generate
+from rewire_jax.bench.torch_reference import hf_logits, reference_generate
 
 ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2_lite", "deepseek_v2_glg", "deepseek_v3", "gpt_oss"]
 MOE_LAYERS = {"qwen2_moe": (0, 2), "deepseek_v2_lite": (1, 2), "deepseek_v2_glg": (1, 2), "deepseek_v3": (1, 2)}
@@ -196,7 +197,7 @@ def test_mxfp4_checkpoint_loads_exactly(hf_dirs, loaded, tmp_path):
     ours = rewire_jax.load(tmp_path)
     # bit-exact dequantization (gate = even columns of HF's input-major gate_up_proj)
     for i in range(cfg["num_hidden_layers"]):
-        hf_exp, mlp = hf_q.model.layers[i].mlp.experts, ours.params[f"layers_{i}"]["mlp"]
+        hf_exp, mlp = hf_q.model.layers[i].mlp.experts, layer_params(ours.params, ours.config, i)["mlp"]
         assert np.array_equal(hf_exp.gate_up_proj.detach().numpy()[..., 0::2], np.asarray(mlp["gate_proj"]))
         assert np.array_equal(hf_exp.gate_up_proj.detach().numpy()[..., 1::2], np.asarray(mlp["up_proj"]))
         assert np.array_equal(hf_exp.down_proj.detach().numpy(), np.asarray(mlp["down_proj"]))

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import hf_models
 import rewire_jax
-from torch_reference import hf_logits
+from rewire_jax.bench.torch_reference import hf_logits
 
 OLMOE = ["olmoe", "olmoe_gqa_clip_norm", "olmoe_tied"]
 

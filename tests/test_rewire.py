@@ -9,7 +9,7 @@ import rewire_jax
 from rewire_jax import RewireOptions
 from rewire_jax.model import forward
 from rewire_jax.rewire import sequence_losses
-from torch_reference import reference_generate
+from rewire_jax.bench.torch_reference import reference_generate
 
 # every selection mode and every option, each against the independent torch implementation
 ORACLE_CASES = [

@@ -3,7 +3,6 @@ layers below the lowest updated layer once equals the plain phase; a whole multi
 compiles a bounded set of programs."""
 import os
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ from rewire_jax.api import Model
 from rewire_jax.perf import count_compiles
 from rewire_jax.config import ModelConfig
 from rewire_jax.model import init_params
+from rewire_jax.model.weights import stack_of
 
 # (tokens, d, I, E, k, biases, activation)
 DISPATCH_CASES = [(64, 16, 12, 6, 3, True, "gptoss"), (3, 8, 4, 4, 2, True, "silu"),
@@ -105,8 +105,12 @@ def test_dispatch_choice_is_per_backend_and_overridable(monkeypatch):
     assert moe.choose_method(512, 8, 64, "gpu", 2048, 1024) == "ragged"     # OLMoE-1B-7B size
     assert moe.choose_method(512, 8, 64, "tpu", 2048, 1024) == "ragged"
     assert moe.choose_method(1024, 4, 32, "gpu", 512, 256) == "dense"        # small: latency-bound
+    # the choice is an explicit option (model setting or per call), never an environment variable
     monkeypatch.setenv("REWIRE_JAX_DISPATCH", "dense")
-    assert moe.choose_method(512, 4, 32, "cpu") == "dense"
+    assert moe.choose_method(512, 4, 32, "cpu") == "blocked"
+    assert CFG.replace(dispatch="dense").dispatch == "dense"
+    with pytest.raises(rewire_jax.model.ConfigError, match="dispatch 'nope'"):
+        CFG.replace(dispatch="nope")
     with pytest.raises(ValueError, match="unknown MoE dispatch"):
         moe.dispatch(jnp.zeros((2, 4)), jnp.ones((2, 1)), jnp.zeros((2, 1), jnp.int32),
                      _experts(np.random.default_rng(0), 2, 4, 4, False), "nope")
@@ -139,11 +143,11 @@ CFG = ModelConfig(model_type="olmoe", vocab_size=96, hidden_size=32, num_layers=
 def params():
     p = jax.jit(lambda k: init_params(CFG, k))(jax.random.key(0))
     p = jax.tree.map(lambda a: a * 4 if a.ndim > 1 else a, p)      # decisive routing and logits
-    flat = flax.traverse_util.flatten_dict(p, sep="/")
-    for k in flat:   # near-uniform routers on the top half: the largest Eq.-2 scores, so 'hard' picks them
-        if k.endswith("mlp/gate/kernel") and int(k.split("/")[0].split("_")[1]) >= 2:
-            flat[k] = flat[k] * 0.01
-    return flax.traverse_util.unflatten_dict(flat, sep="/")
+    for layer in (2, 3):   # near-uniform routers on the top half: the largest Eq.-2 scores, so 'hard' picks them
+        s, rep, sub = stack_of(CFG, layer)
+        mlp = p["stacks"][str(s)][str(sub)]["mlp"]
+        mlp["router"] = mlp["router"].at[rep].multiply(0.01)
+    return p
 
 
 @pytest.mark.parametrize("opts", [dict(selection="hard"), dict(selection="last_k", last_k=1),
@@ -221,7 +225,7 @@ def test_generation_compiles_a_bounded_number_of_programs(params):
 def test_decode_chunks_and_windows_change_nothing(params, monkeypatch):
     """Decoding in chunks over window buckets of the cache gives the same tokens and phases."""
     import importlib
-    G = importlib.import_module("rewire_jax.generate")   # the module (the package exports the function)
+    G = importlib.import_module("rewire_jax.generation.generate")   # the module (the package exports the function)
     model = Model(CFG, params)
     prompt = np.random.default_rng(4).integers(3, 96, 13).tolist()
     opts = RewireOptions(interval=8, lr=0.01)

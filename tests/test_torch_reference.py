@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from torch_reference import deltas_injected, reference_generate, router_modules  # noqa: E402
+from rewire_jax.bench.torch_reference import deltas_injected, reference_generate, router_modules  # noqa: E402
 
 EOS = 2
 

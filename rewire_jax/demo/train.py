@@ -17,7 +17,7 @@ clipping) on
 
 computed from the model's router aux (`aux["logits"]`, `aux["idx"]`) with zero deltas.
 
-Written to DIR (atomically, via `rewire_jax.export.save_hf`): config.json, model.safetensors,
+Written to DIR (atomically, via `rewire_jax.io.export.save_hf`): config.json, model.safetensors,
 the tokenizer files, MODEL_CARD.md, metrics.jsonl (the loss curve) and loss_curve.png (only if
 matplotlib is installed). While it runs, the tokenizer and the growing metrics.jsonl live in a
 temporary directory (or in `--work-dir`, which is kept).
@@ -41,25 +41,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rewire_jax.config import ModelConfig, RopeConfig
 from rewire_jax.demo import corpus, data
+from rewire_jax.demo.card import cpu_reference_note, device_description, loss_curve_png, model_card
 from rewire_jax.demo import tokenizer as demo_tokenizer
-from rewire_jax.export import save_hf
-from rewire_jax.model import forward, init_params, zero_deltas
+from rewire_jax.io.export import save_hf
+from rewire_jax.model import ModelConfig, RopeConfig, cross_entropy, forward, init_params, zero_deltas
 
 #: Greedy samples for the model card. A prompt ending in "\n" stops at a token boundary the
 #: tokenizer never produces inside code (it merges "\n" with the next line's indentation), so the
 #: second prompt shows the more natural continuation of the same line.
 PROMPTS = ("def fibonacci(n):\n", "def fibonacci(n):", "import os\n\ndef read_config(path):")
 
-#: CPU timing of the default model/batch shape, measured with `--steps 40 --eval-every 20` on the
-#: project's 2-core development machine (AMD EPYC, JAX 0.10.2 CPU, cores shared with other jobs):
-#: steady steps/s (eval included) and the fixed cost outside the step loop (data preparation,
-#: compilation, final evaluation and sample). The model card extrapolates from it.
-CPU_REFERENCE = {"steps_per_s": 0.379, "fixed_s": 75.0,
-                 "machine": "2-core AMD EPYC (shared), JAX 0.10.2 on CPU",
-                 "shape": dict(vocab_size=4096, hidden_size=192, num_layers=4, num_heads=4,
-                               num_experts=16, top_k=2, expert_width=64, batch_size=16, seq_len=256)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +120,10 @@ def router_losses(router_logits, idx, num_experts: int):
     return lb, z
 
 
-def token_ce(logits, targets):
-    """logits [B, T, V] fp32, targets [B, T] -> per-token cross-entropy [B, T]."""
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-
-
 def loss_fn(params, batch, cfg: ModelConfig, aux_coef: float, z_coef: float):
     tokens, targets = batch[:, :-1], batch[:, 1:]
     logits, aux = forward(params, tokens, zero_deltas(cfg, tokens.shape[0]), cfg)
-    ce = jnp.mean(token_ce(logits, targets))
+    ce = jnp.mean(cross_entropy(logits, targets))
     lb, z = router_losses(aux["logits"], aux["idx"], cfg.num_experts)
     return ce + aux_coef * lb + z_coef * z, {"ce": ce, "lb": lb, "z": z}
 
@@ -175,7 +162,7 @@ def make_eval_step(cfg: ModelConfig):
         weighted expert counts [L, E] over the batch's tokens)."""
         tokens, targets = batch[:, :-1], batch[:, 1:]
         logits, aux = forward(params, tokens, zero_deltas(cfg, tokens.shape[0]), cfg)
-        ce = jnp.sum(token_ce(logits, targets) * row_weight[:, None])
+        ce = jnp.sum(cross_entropy(logits, targets) * row_weight[:, None])
         onehot = jax.nn.one_hot(aux["idx"], cfg.num_experts, dtype=jnp.float32)  # [B, L, T, k, E]
         counts = jnp.einsum("bltke,b->le", onehot, row_weight)
         return ce, counts
@@ -250,32 +237,11 @@ def active_param_count(cfg: ModelConfig, params) -> int:
 def greedy_samples(cfg, params, tok_dir: Path, prompts: Sequence[str], n: int) -> list[dict]:
     """Greedy continuations (n new tokens, no early stop, no rewiring) via rewire_jax.generate."""
     from rewire_jax.api import Model, load_tokenizer
-    from rewire_jax.generate import generate
+    from rewire_jax.generation import generate
 
     model = Model(cfg, params, load_tokenizer(tok_dir))
     res = generate(model, list(prompts), max_new_tokens=n, eos_token_id=None)
     return [{"prompt": p, "continuation": model.decode(t)} for p, t in zip(prompts, res.tokens)]
-
-
-def cpu_reference_note(tc: TrainConfig) -> str:
-    """'The same command on a 2-core CPU takes ~X min' for the measured shape, else ''."""
-    ref = CPU_REFERENCE
-    if any(getattr(tc, k) != v for k, v in ref["shape"].items()):
-        return ""
-    minutes = (tc.steps / ref["steps_per_s"] + ref["fixed_s"]) / 60
-    return (f"The same command on a {ref['machine']} takes ~{minutes:.0f} min: it ran at "
-            f"{ref['steps_per_s']:.2f} steps/s ({1 / ref['steps_per_s']:.1f} s/step) in a measured "
-            f"40-step run of this shape, plus ~{ref['fixed_s'] / 60:.0f} min of data preparation, "
-            f"compilation and evaluation.")
-
-
-def device_description() -> str:
-    d = jax.devices()[0]
-    kind = getattr(d, "device_kind", "") or ""
-    if d.platform == "cpu":
-        import os
-        return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
-    return f"{d.platform.upper()} ({kind})"
 
 
 def train(tc: TrainConfig, log=print) -> dict:
@@ -407,124 +373,6 @@ def _train(tc: TrainConfig, work: Path, log) -> dict:
         log(f"--- greedy sample ---\n{sample['prompt']}{sample['continuation']}")
     return summary
 
-
-def loss_curve_png(metrics_path: Path) -> Optional[bytes]:
-    """Train / held-out / prose loss curve as PNG bytes, or None when matplotlib is missing."""
-    try:
-        import io
-
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    tr = [(r["step"], r["ce"]) for r in rows if r["kind"] == "train"]
-    ev = [r for r in rows if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(*zip(*tr), label="train CE")
-    if ev:
-        ax.plot([r["step"] for r in ev], [r["heldout_loss"] for r in ev], "o-", label="held-out stdlib")
-        ax.plot([r["step"] for r in ev], [r["prose_loss"] for r in ev], "s-", label="prose (pydoc topics)")
-    ax.set_xlabel("step"), ax.set_ylabel("nats / token"), ax.set_ylim(bottom=0), ax.legend(), ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def model_card(cfg: ModelConfig, tc: TrainConfig, s: dict) -> str:
-    bal = s["balance_heldout"]
-    rows = "\n".join(f"| {i} | {bal['max_over_mean'][i]:.2f} | {bal['min_over_mean'][i]:.2f} | "
-                     f"{bal['norm_entropy'][i]:.3f} |" for i in range(cfg.num_layers))
-    samples = "\n".join(f"Prompt `{x['prompt']!r}`:\n\n```python\n{x['prompt']}{x['continuation']}\n```\n"
-                        for x in s["samples"]) or "(none)"
-    cpu_note = s.get("cpu_note") or "No CPU timing was measured for this model shape."
-    return f"""# rewire-jax demo MoE (OLMoE architecture, trained on the Python stdlib)
-
-A deliberately small Mixture-of-Experts language model that rewire-jax trains itself, so that the
-examples and tests have a real (non-random) MoE with meaningful routing without downloading
-anything. It is an HF-format `olmoe` checkpoint: `transformers.OlmoeForCausalLM.from_pretrained`
-and `rewire_jax.load` both read this directory.
-
-## Architecture
-
-| | |
-|---|---|
-| layers | {cfg.num_layers} (every layer MoE) |
-| hidden size | {cfg.hidden_size} |
-| attention heads | {cfg.num_heads} (head dim {cfg.head_dim}, flat q/k RMSNorm, RoPE theta {cfg.rope.theta:g}) |
-| experts | {cfg.num_experts} routed, top-{cfg.num_experts_per_tok}, softmax router, no renormalisation |
-| expert width | {cfg.moe_intermediate_size} (SwiGLU) |
-| vocabulary | {cfg.vocab_size} (byte-level BPE, `<|endoftext|>`=0, `<|pad|>`=1) |
-| parameters | {s['params']:,} total, {s['active_params']:,} active per token |
-| weights | float32 safetensors |
-
-## Data
-
-- Training text: the `.py` files of the CPython {s['python']} standard library that trained it
-  ({s['train_files']} files after the exclusions in `rewire_jax/demo/corpus.py`: tests,
-  site-packages, build-specific files, files > 1 MB, held-out split), {s['train_stream_tokens']:,}
-  tokens, documents separated by `<|endoftext|>`.
-- Corpus fingerprint (sha256 of relative path + size of each training file):
-  `{s['corpus_fingerprint']}`.
-- Held-out code: the ~5% of stdlib files with `sha256(rel_path) % 20 == 0` ({s['heldout_files']} files),
-  never seen by the tokenizer or the model.
-- Prose: `pydoc_data/topics.py` (the language reference as English text), in neither split:
-  a shifted-domain evaluation set.
-
-## Training
-
-`{s['command']}`
-
-- {tc.steps} steps x batch {tc.batch_size} x {tc.seq_len} tokens = {s['tokens_seen']:,} tokens
-  seen (random windows of the packed training stream, numpy seed {tc.seed}).
-- AdamW (b1 0.9, b2 0.95, weight decay {tc.weight_decay} on matrices), peak lr {tc.lr:g} with
-  {tc.warmup_steps} warmup steps and cosine decay to {tc.lr * tc.min_lr_ratio:g}; gradient
-  clipping at global norm {tc.grad_clip:g}; float32.
-- Loss: next-token cross-entropy + {tc.aux_loss_coef:g} x load-balancing loss (Switch/OLMoE form
-  `E * sum_e f_e P_e` per layer, averaged over layers; balanced = {cfg.num_experts_per_tok})
-  + {tc.z_loss_coef:g} x router z-loss.
-- Trained on: {s['device']}, JAX {s['jax_version']}; wall time {s['wall_time_s'] / 60:.1f} min
-  (training loop {s['train_loop_s'] / 60:.1f} min, {s['steps_per_s']:.2f} steps/s after compilation).
-- {cpu_note}
-
-## Results (nats per token)
-
-| | this model | unigram baseline |
-|---|---|---|
-| train (mean CE of the last 50 steps) | {s['train_loss']:.3f} | |
-| held-out stdlib code ({s['heldout_eval_tokens']:,} tokens) | {s['heldout_loss']:.3f} | {s['unigram_baseline']['heldout']:.3f} |
-| prose, pydoc topics ({s['prose_eval_tokens']:,} tokens) | {s['prose_loss']:.3f} | {s['unigram_baseline']['prose']:.3f} |
-
-The unigram baseline is the add-one-smoothed token frequency of the training stream.
-
-### Expert balance on the held-out code tokens
-
-Load = share of the top-{cfg.num_experts_per_tok} routing slots each expert receives; 1.0 is perfectly even.
-
-| layer | max / mean load | min / mean load | normalised entropy |
-|---|---|---|---|
-{rows}
-
-## Samples (greedy, {tc.sample_tokens} new tokens, no rewiring)
-
-{samples}
-
-## Limitations
-
-A toy: {s['params'] / 1e6:.1f}M parameters trained for minutes on one small corpus. It writes
-Python-looking code with plausible structure but is not a useful code model. It is meant for
-demonstrating and testing test-time rerouting, not for any downstream use. A prompt that ends in
-a newline splits a token the tokenizer would merge with the next line's indentation, so such
-prompts often continue with a new top-level statement. The default learning rate of
-`rewire_jax.demo.train` was picked by comparing the held-out loss of a few runs of this shape,
-so the held-out number is slightly optimistic.
-"""
-
-
-# -- CLI ----------------------------------------------------------------------------------------
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HELP = {

@@ -16,7 +16,6 @@ are the paper's defaults.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import sys
@@ -29,8 +28,8 @@ import numpy as np
 
 from ..api import Model, load
 from ..cli import DEMO_MODEL
-from ..model import forward, zero_deltas
-from ..rewire import RewireOptions, Rewirer
+from ..model import forward, span_nll as _span_nll, zero_deltas
+from ..rewire import RewireOptions, run_phase, start_cycle
 
 ABLATIONS: dict[str, Optional[dict]] = {
     "baseline (deltas 0)": None,
@@ -50,12 +49,7 @@ ABLATIONS: dict[str, Optional[dict]] = {
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def span_nll(params, tokens, deltas, start, stop, cfg):
     """Mean NLL per document of the targets tokens[:, start:stop] (teacher-forced). -> [B]"""
-    logits, _ = forward(params, tokens, deltas, cfg)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]       # predicts t+1
-    t = jnp.arange(1, tokens.shape[1])
-    mask = (t >= start) & (t < stop)
-    return jnp.sum(jnp.where(mask, nll, 0.0), -1) / jnp.sum(mask)
+    return _span_nll(forward(params, tokens, deltas, cfg)[0], tokens, start, stop)
 
 
 def evaluate(model: Model, docs: np.ndarray, prefix: int, interval: int, options: Optional[RewireOptions]) -> np.ndarray:
@@ -66,14 +60,11 @@ def evaluate(model: Model, docs: np.ndarray, prefix: int, interval: int, options
     deltas = zero_deltas(cfg, B)
     if options is None:
         return np.asarray(span_nll(params, tokens, deltas, prefix, total, cfg))
-    rewire = Rewirer(cfg, options)
-    state, nll_sum, phase, start = None, np.zeros(B), 0, prefix
-    while start < total:
-        out = rewire.step(params, deltas, docs[:, :start], opt_state=state, phase_index=phase)
-        deltas, phase = out.deltas, phase + 1
-        state = out.opt_state if options.persist_optimizer else None
-        stop = total if not options.continuous else min(start + interval, total)
-        nll_sum += np.asarray(span_nll(params, tokens, deltas, start, stop, cfg)) * (stop - start)
+    state, nll_sum, start = start_cycle(cfg, options, B), np.zeros(B), prefix
+    while start < total:   # the cycle, teacher-forced: phase on the text so far, score the next span
+        state, _ = run_phase(params, state, docs[:, :start], np.full(B, start), cfg, options)
+        stop = min(start + interval, total) if options.wants_phase(state.phase_index) else total
+        nll_sum += np.asarray(span_nll(params, tokens, state.deltas, start, stop, cfg)) * (stop - start)
         start = stop
     return nll_sum / (total - prefix)
 

@@ -82,7 +82,7 @@ def shape_ceiling(cfg, T: int, dtype: str = "float32", repeats: int = 3) -> dict
     well below the big-square peak, so this is the honest roofline for a given model size."""
     import jax
     import jax.numpy as jnp
-    from rewire_jax import moe
+    from rewire_jax.model import dispatch as moe
     d, H, K, Dh, I, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          cfg.moe_intermediate_size, cfg.vocab_size)
     block = moe.choose_block(T * cfg.num_experts_per_tok, cfg.num_experts)

@@ -25,7 +25,6 @@ expert weights (the rewiring never asks for the latter; under jit XLA drops that
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -48,6 +47,21 @@ def glu(h_gate, h_up, activation: str = "silu", limit: Optional[float] = None):
     raise ValueError(f"unknown expert activation {activation!r}")
 
 
+def _pick(w, layer, e):
+    """Expert e's weights [...] from w [E, ...], or from a layer stack w [R, E, ...] at `layer`:
+    one dynamic slice of just that expert (slicing the layer first would copy all its experts)."""
+    if layer is None:
+        return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+    return jax.lax.dynamic_slice(w, (layer, e) + (0,) * (w.ndim - 2), (1, 1) + w.shape[2:])[0, 0]
+
+
+def layer_view(experts, layer):
+    """{name: [E, ...]} of one layer of a stack (a copy of its experts: for the dense / ragged paths)."""
+    if layer is None:
+        return experts
+    return {n: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False) for n, a in experts.items()}
+
+
 def _bias(experts, name, idx=None):
     b = experts.get(name)
     if b is None:
@@ -55,11 +69,12 @@ def _bias(experts, name, idx=None):
     return b if idx is None else b[idx]
 
 
-def dispatch_dense(x, weights, idx, experts, activation="silu", limit=None):
+def dispatch_dense(x, weights, idx, experts, activation="silu", limit=None, layer=None):
     """Reference path: run every expert on every token, combine with a sparse [N, E] weight matrix.
 
     E/k times the FLOPs of the sparse paths; the ground truth in tests, and fine for tiny E.
     """
+    experts = layer_view(experts, layer)
     E = experts["gate_proj"].shape[0]
     combine = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32) * weights[..., None].astype(jnp.float32), axis=1)
     hg = jnp.einsum("nd,edi->nei", x, experts["gate_proj"]) + _bias(experts, "gate_bias")
@@ -69,7 +84,7 @@ def dispatch_dense(x, weights, idx, experts, activation="silu", limit=None):
     return jnp.einsum("ned,ne->nd", out, combine).astype(x.dtype)
 
 
-def dispatch_gather(x, weights, idx, experts, activation="silu", limit=None):
+def dispatch_gather(x, weights, idx, experts, activation="silu", limit=None, layer=None):
     """Decode path: one (token, expert) row at a time, reading that expert's weights in place.
 
     A loop over the N*k rows with a dynamic index into the stacked weights: ~2x faster on CPU than
@@ -78,7 +93,7 @@ def dispatch_gather(x, weights, idx, experts, activation="silu", limit=None):
     N, d = x.shape
     k = idx.shape[1]
     bg, bu, bd = (experts.get(n) for n in ("gate_bias", "up_bias", "down_bias"))
-    take = lambda w, e: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+    take = lambda w, e: _pick(w, layer, e)
 
     def row(args):
         xr, e = args
@@ -198,13 +213,13 @@ def choose_block(n_rows: int, num_experts: int) -> int:
     return 16 if mean < 16 else 32 if mean < 256 else 64
 
 
-def _expert_loop(plan: Plan, experts, body, carry):
+def _expert_loop(plan: Plan, experts, body, carry, layer=None):
     """for e in experts: w = that expert's weights (sliced once); for each of its blocks: body.
 
     body(e, w, block index b, carry) -> carry. Loops with run-time trip counts: only the blocks
     that hold rows are computed (this is why the grouped matmul has a custom VJP)."""
     def per_expert(e, carry):
-        w = {n: jax.lax.dynamic_index_in_dim(a, e, keepdims=False) for n, a in experts.items()}
+        w = {n: _pick(a, layer, e) for n, a in experts.items()}
         b0 = plan.first_block[e]
         return jax.lax.fori_loop(0, plan.num_blocks[e], lambda j, c: body(e, w, b0 + j, c), carry)
     return jax.lax.fori_loop(0, plan.num_blocks.shape[0], per_expert, carry)
@@ -219,12 +234,13 @@ def _put_rows(a, v, b, block):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _blocked_ffn(block: int, activation: str, limit, rows, plan, experts):
-    """Expert FFN on the expert-sorted, block-padded rows [P, d] (padding rows give zeros)."""
-    return _blocked_ffn_fwd(block, activation, limit, rows, plan, experts)[0]
+def _blocked_ffn(block: int, activation: str, limit, rows, plan, experts, layer):
+    """Expert FFN on the expert-sorted, block-padded rows [P, d] (padding rows give zeros).
+    experts: [E, ...] leaves, or [R, E, ...] layer stacks read at `layer` (None: not stacked)."""
+    return _blocked_ffn_fwd(block, activation, limit, rows, plan, experts, layer)[0]
 
 
-def _blocked_ffn_fwd(block, activation, limit, rows, plan, experts):
+def _blocked_ffn_fwd(block, activation, limit, rows, plan, experts, layer):
     P, d = rows.shape
     I = experts["gate_proj"].shape[-1]
 
@@ -240,12 +256,12 @@ def _blocked_ffn_fwd(block, activation, limit, rows, plan, experts):
         return _put_rows(y, yb, b, block), _put_rows(hg_all, hg, b, block), _put_rows(hu_all, hu, b, block)
 
     zeros = lambda n: jnp.zeros((P, n), rows.dtype)
-    y, hg, hu = _expert_loop(plan, experts, body, (zeros(d), zeros(I), zeros(I)))
-    return y, (rows, plan, experts, hg, hu)
+    y, hg, hu = _expert_loop(plan, experts, body, (zeros(d), zeros(I), zeros(I)), layer)
+    return y, (rows, plan, experts, layer, hg, hu)
 
 
 def _blocked_ffn_bwd(block, activation, limit, res, gy):
-    rows, plan, experts, hg_all, hu_all = res
+    rows, plan, experts, layer, hg_all, hu_all = res
     P, d = rows.shape
 
     def block_grads(w, b):
@@ -260,7 +276,7 @@ def _blocked_ffn_bwd(block, activation, limit, res, gy):
         _, _, dhg, dhu = block_grads(w, b)
         return _put_rows(dx, _dot_t(dhg, w["gate_proj"]) + _dot_t(dhu, w["up_proj"]), b, block)
 
-    dx = _expert_loop(plan, experts, body_dx, jnp.zeros((P, d), rows.dtype))
+    dx = _expert_loop(plan, experts, body_dx, jnp.zeros((P, d), rows.dtype), layer)
 
     # expert weights: a separate loop, so that XLA drops it when nobody asks for weight gradients
     def body_dw(e, w, b, acc):
@@ -270,30 +286,34 @@ def _blocked_ffn_bwd(block, activation, limit, res, gy):
                "down_proj": einsum_f32("bi,bd->id", h, g),
                "gate_bias": jnp.sum(dhg.astype(jnp.float32), 0), "up_bias": jnp.sum(dhu.astype(jnp.float32), 0),
                "down_bias": jnp.sum(g.astype(jnp.float32), 0)}
-        return {n: a.at[e].add(upd[n]) for n, a in acc.items()}
+        at = e if layer is None else (layer, e)
+        return {n: a.at[at].add(upd[n]) for n, a in acc.items()}
 
-    dW = _expert_loop(plan, experts, body_dw, {n: jnp.zeros(w.shape, jnp.float32) for n, w in experts.items()})
+    dW = _expert_loop(plan, experts, body_dw, {n: jnp.zeros(w.shape, jnp.float32) for n, w in experts.items()},
+                      layer)
     dW = {n: dW[n].astype(experts[n].dtype) for n in experts}
-    return dx, None, dW
+    return dx, None, dW, None
 
 
 _blocked_ffn.defvjp(_blocked_ffn_fwd, _blocked_ffn_bwd)
 
 
-def dispatch_blocked(x, weights, idx, experts, activation="silu", limit=None, block: Optional[int] = None):
+def dispatch_blocked(x, weights, idx, experts, activation="silu", limit=None, layer=None,
+                     block: Optional[int] = None):
     """Sorted + block-padded grouped matmuls, one loop step per block (unused blocks skipped)."""
     N, d = x.shape
     k = idx.shape[1]
-    E = experts["gate_proj"].shape[0]
+    E = experts["gate_proj"].shape[0 if layer is None else 1]
     block = block or choose_block(N * k, E)
     plan = make_plan(idx, E, block)
     rows = _expand(x, plan.src, plan.dest, k)
-    y = _blocked_ffn(block, activation, limit, rows, plan, dict(experts))
+    y = _blocked_ffn(block, activation, limit, rows, plan, dict(experts), layer)
     return _combine(y, weights, plan.dest, plan.src).astype(x.dtype)
 
 
-def dispatch_ragged(x, weights, idx, experts, activation="silu", limit=None):
+def dispatch_ragged(x, weights, idx, experts, activation="silu", limit=None, layer=None):
     """Sorted rows + jax.lax.ragged_dot grouped GEMMs (GPU/TPU)."""
+    experts = layer_view(experts, layer)
     N, d = x.shape
     k = idx.shape[1]
     E = experts["gate_proj"].shape[0]
@@ -325,12 +345,9 @@ DENSE_FLOPS_ACCEL = 1.5e11
 def choose_method(n_tokens: int, k: int, num_experts: int, backend: Optional[str] = None,
                   hidden: int = 0, inter: int = 0) -> str:
     """The automatic choice: gather for a handful of tokens (decode); on CPU the blocked grouped
-    matmuls; on GPU/TPU dense while it is cheap, else ragged_dot. Override per call (`method=`), per
-    model (`get_module(cfg, method)`) or process-wide with the environment variable
-    REWIRE_JAX_DISPATCH (read when tracing)."""
-    env = os.environ.get("REWIRE_JAX_DISPATCH", "auto")
-    if env != "auto":
-        return env
+    matmuls; on GPU/TPU dense while it is cheap, else ragged_dot. Override per model
+    (`ModelConfig.dispatch`, `load(..., dispatch=...)`, CLI `--dispatch`) or per call (`dispatch=`
+    of `forward` / `prefill` / `decode` / `optimise_phase`): both are static, so jit caches see them."""
     if n_tokens * k <= num_experts:
         return "gather"
     backend = backend or jax.default_backend()
@@ -340,11 +357,14 @@ def choose_method(n_tokens: int, k: int, num_experts: int, backend: Optional[str
 
 
 def dispatch(x, weights, idx, experts, method: str = "auto", activation: str = "silu",
-             limit: Optional[float] = None):
-    """Run the routed experts with the chosen path (all paths give the same output)."""
+             limit: Optional[float] = None, layer=None):
+    """Run the routed experts with the chosen path (all paths give the same output).
+
+    experts: {name: [E, ...]}, or the layer stacks {name: [R, E, ...]} read at `layer` (inside the
+    scan over layers: each path slices just the experts it uses, never a copy of the whole layer)."""
     if method == "auto":
-        E, d, I = experts["gate_proj"].shape
+        E, d, I = experts["gate_proj"].shape[-3:]
         method = choose_method(x.shape[0], idx.shape[1], E, hidden=d, inter=I)
     if method not in DISPATCH:
         raise ValueError(f"unknown MoE dispatch {method!r}; choose from auto, {', '.join(DISPATCH)}")
-    return DISPATCH[method](x, weights, idx, experts, activation, limit)
+    return DISPATCH[method](x, weights, idx, experts, activation, limit, layer)

@@ -1,27 +1,29 @@
 """rewire-jax's own checkpoint format: an orbax param tree plus our config, written atomically.
 
 Layout of a converted directory:
-    params/           orbax StandardCheckpointer tree
-    rewire_jax.json   {"format": 1, "config": ModelConfig.to_dict(), "source": ...}  (written last)
+    params/           orbax StandardCheckpointer tree, laid out as `model/weights.py` declares
+    rewire_jax.json   {"format": 2, "config": ModelConfig.to_dict(), "source": ...}  (written last)
     config.json, tokenizer files   copied from the HF directory
 A directory without `rewire_jax.json` is never treated as a converted checkpoint, and the whole
-directory only appears under its final name after everything inside it was written.
+directory only appears under its final name after everything inside it was written
+(`rewire_jax.io.atomic`). Restoring reads the declared shapes and dtypes as the target.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
+from ..model.weights import param_shapes
+from .atomic import atomic_directory
 
 MARKER = "rewire_jax.json"
-FORMAT_VERSION = 1
+#: 2: decoder layers stacked per `layer_plan` (1: one subtree per layer, before 0.2)
+FORMAT_VERSION = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
                    "chat_template.jinja", "added_tokens.json")
@@ -35,12 +37,7 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params, hf_dir: str | 
                    overwrite: bool = False) -> Path:
     import orbax.checkpoint as ocp
 
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", jax.tree.map(np.asarray, params))
         ckptr.wait_until_finished()
@@ -51,23 +48,28 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params, hf_dir: str | 
         meta = {"format": FORMAT_VERSION, "config": cfg.to_dict(),
                 "source": str(hf_dir) if hf_dir is not None else None}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))  # last: marks the directory complete
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir).absolute()
 
 
-def load_converted(path: str | Path) -> tuple[ModelConfig, dict]:
-    import orbax.checkpoint as ocp
-
+def read_config(path: str | Path) -> ModelConfig:
     path = Path(path).absolute()
-    meta = json.loads((path / MARKER).read_text())
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / MARKER} is not valid JSON ({e}); re-run python -m convert") from None
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not supported "
                          f"(this rewire-jax reads format {FORMAT_VERSION}); re-run python -m convert")
-    cfg = ModelConfig.from_dict(meta["config"])
-    params = ocp.StandardCheckpointer().restore(path / "params")
+    return ModelConfig.from_dict(meta["config"])
+
+
+def load_converted(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """-> (config, params as host numpy arrays of the declared dtypes)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    cfg = read_config(path)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    params = ocp.StandardCheckpointer().restore(path / "params", param_shapes(cfg))
     return cfg, params

@@ -1,4 +1,4 @@
-"""Pure numerical building blocks shared by every family: norms, RoPE, attention, routing.
+"""Pure numerical building blocks shared by every family: norms, RoPE, attention, SwiGLU.
 
 Shapes: B batch, T query tokens, S key tokens, H query heads, K kv heads, D head dim,
 E routed experts, k experts per token, d model width.
@@ -218,21 +218,3 @@ def write_cache(cache, new, start):
 def swiglu(x, w_gate, w_up, w_down):
     """Dense SwiGLU: x [..., d]; w_gate/w_up [d, I]; w_down [I, d]."""
     return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
-
-
-def token_confidence(logits_fp32, idx):
-    """Eq. 2: C^n = -(1/k) sum_{j in chosen top-k} log softmax(z~)_j.  [N, E], [N, k] -> [N]"""
-    logp = jax.nn.log_softmax(logits_fp32, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, idx, axis=-1), axis=-1)
-
-
-def softmax_topk_route(logits_fp32, k: int, norm_topk_prob: bool):
-    """OLMoE / Qwen / Mixtral router: softmax over all E, top-k, optional renormalisation.
-
-    logits [N, E] fp32 (delta already added) -> (weights [N, k] fp32, idx [N, k] int32)
-    """
-    probs = jax.nn.softmax(logits_fp32, axis=-1)
-    weights, idx = jax.lax.top_k(probs, k)
-    if norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, idx

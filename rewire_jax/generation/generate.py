@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Optional, Sequence
+import warnings
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .api import Model, check_token_ids
-from .decode import DecodeState, Sampling, decode, prefill
-from .model import batched_deltas
-from .rewire import RewireOptions, bucket_length, check_finite, init_opt_state, optimise_phase, random_layer_mask
+from ..api import Model, check_token_ids
+from ..rewire import RewireOptions, bucket_length, run_phase, start_cycle
+from ..model.transformer import prepare_params
+from .decode import DecodeState, decode, prefill
+from .sampling import Sampling
 
 
 DECODE_CHUNK = 128   # tokens per decode call when no phase comes between (baseline, continuous=False)
@@ -72,7 +74,8 @@ def _prompts_to_ids(model: Model, prompts) -> list[list[int]]:
 def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Optional[RewireOptions] = None,
              sampling: Sampling = Sampling(), seed: int = 0, deltas=None, eos_token_id: Any = "config",
              cache_len: Optional[int] = None, on_segment: Optional[Callable[[int, list[list[int]]], None]] = None,
-             on_phase: Optional[Callable[[PhaseRecord], None]] = None) -> GenerationResult:
+             on_phase: Optional[Callable[[PhaseRecord], None]] = None, dispatch: Optional[str] = None
+             ) -> GenerationResult:
     """Generate with (or, rewire=None / selection='none', without) test-time rerouting.
 
     prompts: a string, a list of token ids, or a list of either (a batch; lengths may differ).
@@ -81,6 +84,8 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     cache_len: KV cache rows (default: longest prompt + max_new_tokens, rounded up).
     on_segment(row_count, new_tokens_so_far) is called after every decoded segment (streaming);
     on_phase(record) after every optimisation phase.
+    dispatch: expert dispatch path for this call (default: model.config.dispatch).
+    A prompt + max_new_tokens longer than the model's max_position_embeddings runs, with a warning.
     """
     cfg = model.config
     t_start = time.perf_counter()
@@ -96,6 +101,10 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     elif longest >= cache_len or needed > cache_len:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} does not "
                          f"fit in cache_len={cache_len}; raise cache_len or shorten the prompt")
+    if needed > cfg.max_position_embeddings:
+        warnings.warn(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} positions exceeds "
+                      f"the model's max_position_embeddings ({cfg.max_position_embeddings}); outputs past that "
+                      f"are outside what the model was trained on", stacklevel=2)
     eos = cfg.eos_token_ids if eos_token_id == "config" else (
         () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist()))
 
@@ -103,9 +112,8 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     for b, p in enumerate(ids):
         buf[b, :len(p)] = p
     lengths = np.array([len(p) for p in ids], np.int32)
-    d = jnp.array(batched_deltas(deltas, B, cfg))
-    check_finite(d)
-    opt_state = init_opt_state(opts, d) if opts else None
+    cycle = start_cycle(cfg, opts or RewireOptions(), B, deltas)
+    params = prepare_params(model.params, cfg)   # unrolled stacks: per-layer buffers, once per call
     state = DecodeState(jnp.asarray(buf), jnp.asarray(lengths), None, jnp.zeros(B, bool),
                         jnp.zeros(B, jnp.int32), jax.random.key(seed))
     eos_arr = jnp.asarray(np.array(eos, np.int32).reshape(-1))
@@ -121,27 +129,22 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
         done = np.asarray(state.done)
         if done.all():
             break
-        need_phase = opts is not None and (not phases or opts.continuous)
+        need_phase = opts is not None and opts.wants_phase(len(phases))
         if need_phase or cache is None:
             cur = np.asarray(state.lengths)
             Tb = bucket_length(int(cur.max()), cap=cache_len)
             ctx = state.buf[:, :Tb]
             record = None
             if need_phase:
-                if not opts.persist_optimizer:
-                    opt_state = init_opt_state(opts, d)
                 t0 = time.perf_counter()
-                out = optimise_phase(model.params, d, opt_state, ctx, state.lengths, jnp.asarray(~done),
-                                     jnp.asarray(random_layer_mask(opts, cfg.num_moe_layers, len(phases))), cfg, opts)
-                d, opt_state = out.deltas, out.opt_state
-                check_finite(d)
+                cycle, out = run_phase(params, cycle, ctx, state.lengths, cfg, opts, ~done, dispatch)
                 t1 = time.perf_counter()
                 timing["optimise"] += t1 - t0
                 record = PhaseRecord(len(phases), np.where(done, 0, cur), np.asarray(out.loss), None,
                                      np.asarray(out.scores), np.asarray(out.weights), t1 - t0, 0.0)
             t0 = time.perf_counter()
-            logits, cache, loss_after = prefill(model.params, ctx, state.lengths, d, cfg, cache_len,
-                                               opts.loss if opts else None)
+            logits, cache, loss_after = prefill(params, ctx, state.lengths, cycle.deltas, cfg, cache_len,
+                                               opts.loss if opts else None, dispatch)
             logits.block_until_ready()
             timing["prefill"] += time.perf_counter() - t0
             state = state._replace(logits=logits)
@@ -153,8 +156,8 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                     on_phase(record)
         t0 = time.perf_counter()
         window = bucket_length(int(np.asarray(state.lengths).max()) + segment, cap=cache_len)
-        state, cache = decode(model.params, state, cache, d, eos_arr, jnp.int32(max_new_tokens), cfg,
-                              sampling, segment, window)
+        state, cache = decode(params, state, cache, cycle.deltas, eos_arr, jnp.int32(max_new_tokens), cfg,
+                              sampling, segment, window, dispatch)
         jax.block_until_ready(state.num_new)
         timing["decode"] += time.perf_counter() - t0
         if on_segment:
@@ -163,7 +166,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     new_tokens = _new_tokens(state, lengths)[1]
     timing["total"] = time.perf_counter() - t_start
     texts = [model.decode(t) for t in new_tokens] if model.tokenizer is not None else None
-    return GenerationResult(new_tokens, np.asarray(d), phases, timing, texts)
+    return GenerationResult(new_tokens, np.asarray(cycle.deltas), phases, timing, texts)
 
 
 def _new_tokens(state: DecodeState, prompt_lengths) -> tuple[int, list[list[int]]]:

@@ -3,7 +3,7 @@
 Every function takes z~ [N, E] fp32 *with the delta already added* (the delta sits before any
 softmax, sigmoid, group scoring or top-k, so it moves the choice of experts, the choice of groups
 and the weights alike) and returns (weights [N, k] fp32, idx [N, k] int32). The token confidence
-used by the rewiring (layers.token_confidence) is computed from the same z~ and idx for every
+used by the rewiring (`token_confidence`) is computed from the same z~ and idx for every
 router, so the chosen set is always the one the model actually used.
 """
 from __future__ import annotations
@@ -11,8 +11,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig
-from .layers import softmax_topk_route
+
+def token_confidence(logits_fp32, idx):
+    """Eq. 2: C^n = -(1/k) sum_{j in chosen top-k} log softmax(z~)_j.  [N, E], [N, k] -> [N]"""
+    logp = jax.nn.log_softmax(logits_fp32, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, idx, axis=-1), axis=-1)
+
+
+def softmax_topk_route(logits_fp32, k: int, norm_topk_prob: bool):
+    """OLMoE / Qwen / Mixtral router: softmax over all E, top-k, optional renormalisation.
+
+    logits [N, E] fp32 (delta already added) -> (weights [N, k] fp32, idx [N, k] int32)
+    """
+    probs = jax.nn.softmax(logits_fp32, axis=-1)
+    weights, idx = jax.lax.top_k(probs, k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, idx
 
 
 def _group_mask(group_scores, topk_group: int, group_size: int):
@@ -54,20 +69,36 @@ def sigmoid_group_route(logits, k: int, n_group: int, topk_group: int, correctio
     return weights, idx
 
 
-def route(logits, cfg: ModelConfig, correction_bias=None):
-    """z~ [N, E] fp32 -> (weights [N, k] fp32 incl. routed_scaling_factor, idx [N, k] int32)."""
-    r, k = cfg.router, cfg.num_experts_per_tok
-    if r.kind == "softmax_topk":
-        weights, idx = softmax_topk_route(logits, k, cfg.norm_topk_prob)
-    elif r.kind == "group_limited":  # V2 ignores norm_topk_prob (no such branch in the model)
-        weights, idx = group_limited_route(logits, k, r.n_group, r.topk_group)
-    elif r.kind == "topk_softmax":
-        weights, idx = topk_softmax_route(logits, k)
-    elif r.kind == "sigmoid_group":
-        weights, idx = sigmoid_group_route(logits, k, r.n_group, r.topk_group, correction_bias,
-                                           cfg.norm_topk_prob)
-    else:
-        raise ValueError(f"unknown router kind {r.kind!r}")
-    if r.routed_scaling_factor != 1.0:
-        weights = weights * r.routed_scaling_factor
+def _softmax_topk(logits, cfg, correction):
+    return softmax_topk_route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+
+
+def _group_limited(logits, cfg, correction):   # V2 ignores norm_topk_prob (no such branch in HF)
+    return group_limited_route(logits, cfg.num_experts_per_tok, cfg.router.n_group, cfg.router.topk_group)
+
+
+def _topk_softmax(logits, cfg, correction):
+    return topk_softmax_route(logits, cfg.num_experts_per_tok)
+
+
+def _sigmoid_group(logits, cfg, correction):
+    return sigmoid_group_route(logits, cfg.num_experts_per_tok, cfg.router.n_group, cfg.router.topk_group,
+                               correction, cfg.norm_topk_prob)
+
+
+#: RouterConfig.kind -> fn(z~ [N, E] fp32, cfg, correction bias [E] or None) -> (weights, idx).
+#: A new router: one function here, one entry in this table (and its extra weights, if any, in
+#: rewire_jax/model/weights.py `_moe`).
+ROUTERS = {"softmax_topk": _softmax_topk, "group_limited": _group_limited,
+           "topk_softmax": _topk_softmax, "sigmoid_group": _sigmoid_group}
+
+
+def route(logits, cfg, correction_bias=None):
+    """z~ [N, E] fp32 -> (weights [N, k] fp32 incl. routed_scaling_factor, idx [N, k] int32).
+    cfg: the ModelConfig (not imported here: config.py validates router kinds against ROUTERS)."""
+    if cfg.router.kind not in ROUTERS:
+        raise ValueError(f"unknown router kind {cfg.router.kind!r}")
+    weights, idx = ROUTERS[cfg.router.kind](logits, cfg, correction_bias)
+    if cfg.router.routed_scaling_factor != 1.0:
+        weights = weights * cfg.router.routed_scaling_factor
     return weights, idx.astype(jnp.int32)

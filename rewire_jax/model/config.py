@@ -1,19 +1,15 @@
 """Model configuration: one frozen, hashable dataclass shared by every MoE family.
 
 The config is static under `jax.jit` (it is hashable), so it is passed as a static argument and
-never traced. HF `config.json` dicts are turned into a `ModelConfig` by a per-`model_type` parser
-registered with `register_family`.
+never traced. HF `config.json` dicts are turned into a `ModelConfig` by the family table in
+`rewire_jax.io.families`; the weights a config implies are declared in `rewire_jax.model.weights`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
-import numpy as np
-
-_PARSERS: dict[str, Callable[[dict], "ModelConfig"]] = {}
+from .routers import ROUTERS
 
 
 class ConfigError(ValueError):
@@ -53,7 +49,8 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
-ROUTERS = ("softmax_topk", "group_limited", "topk_softmax", "sigmoid_group")
+#: MoE dispatch paths (rewire_jax.model.dispatch); 'auto' picks per backend and shape
+DISPATCH_METHODS = ("auto", "dense", "gather", "blocked", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +116,9 @@ class ModelConfig:
     swiglu_limit: Optional[float] = None
     shared_expert_size: int = 0  # width of the always-on shared MLP (0: none)
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x w) scales the shared MLP (no delta)
+    # -- execution (not architecture): how the routed experts are computed; every path is exact
+    dispatch: str = "auto"  # one of DISPATCH_METHODS; per call: forward(..., dispatch=...)
+    scan_layers: Optional[bool] = None  # run stacks of identical layers as a scan; None: auto (transformer.scan_stack)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -149,6 +149,8 @@ class ModelConfig:
                                   f"experts cannot hold num_experts_per_tok={self.num_experts_per_tok}")
         if self.expert_activation not in ("silu", "gptoss"):
             raise ConfigError(f"expert_activation {self.expert_activation!r}; use 'silu' or 'gptoss'")
+        if self.dispatch not in DISPATCH_METHODS:
+            raise ConfigError(f"dispatch {self.dispatch!r}; choose one of {', '.join(DISPATCH_METHODS)}")
         if self.expert_activation == "gptoss" and self.swiglu_limit is None:
             raise ConfigError("expert_activation='gptoss' needs swiglu_limit")
 
@@ -163,6 +165,9 @@ class ModelConfig:
     def window(self, layer: int) -> Optional[int]:
         """Sliding-window size of decoder layer `layer`, or None for full causal attention."""
         return self.sliding_window if layer in self.sliding_layers else None
+
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
 
     def moe_index(self, layer: int) -> Optional[int]:
         """Row of the deltas for decoder layer `layer`, or None for a dense layer."""
@@ -190,83 +195,3 @@ class ModelConfig:
         for key in ("moe_layers", "eos_token_ids", "sliding_layers"):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)
-
-
-def register_family(model_type: str):
-    """Decorator: register `parse(hf_config_dict) -> ModelConfig` for an HF `model_type`."""
-    def wrap(fn):
-        _PARSERS[model_type] = fn
-        return fn
-    return wrap
-
-
-def supported_model_types() -> tuple[str, ...]:
-    from . import families  # noqa: F401  (registers the parsers)
-    return tuple(sorted(_PARSERS))
-
-
-def from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
-    """Parse an HF `config.json` dict into a ModelConfig."""
-    from . import families  # noqa: F401
-    model_type = hf.get("model_type")
-    if model_type not in _PARSERS:
-        raise ConfigError(
-            f"unsupported model_type {model_type!r}; rewire-jax supports "
-            f"{', '.join(supported_model_types())}")
-    return _PARSERS[model_type](hf).replace(dtype=dtype)
-
-
-def load_hf_config(path: str | Path) -> dict:
-    path = Path(path)
-    cfg_file = path / "config.json" if path.is_dir() else path
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} not found: a model directory needs a config.json")
-    return json.loads(cfg_file.read_text())
-
-
-# -- helpers shared by the family parsers ---------------------------------------------------
-
-def token_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(int(v) for v in np.atleast_1d(value))
-
-
-def rope_from_hf(hf: dict, dim: int = 0, interleaved: bool = False) -> RopeConfig:
-    """Read rope settings from either the nested `rope_parameters` (transformers 5 saves) or the
-    legacy top-level `rope_theta` + `rope_scaling` (hub files)."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    merged = {**legacy, **params}
-    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
-    if rope_type not in ("default", "yarn"):
-        raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
-    kw: dict[str, Any] = dict(theta=float(theta), dim=dim, rope_type=rope_type, interleaved=interleaved)
-    if rope_type == "yarn":
-        orig = merged.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
-        factor = merged.get("factor")
-        if factor is None:
-            factor = hf["max_position_embeddings"] / orig
-        kw.update(factor=float(factor), original_max_position_embeddings=int(orig),
-                  beta_fast=float(merged.get("beta_fast") or 32.0),
-                  beta_slow=float(merged.get("beta_slow") or 1.0),
-                  mscale=merged.get("mscale"), mscale_all_dim=merged.get("mscale_all_dim"),
-                  attention_factor=merged.get("attention_factor"),
-                  truncate=bool(merged.get("truncate", True)))
-    return RopeConfig(**kw)
-
-
-def hf_common(hf: dict, model_type: str, eps_default: float = 1e-6) -> dict:
-    """ModelConfig fields that every HF decoder config spells the same way."""
-    heads = hf["num_attention_heads"]
-    return dict(
-        model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", eps_default),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        eos_token_ids=token_ids(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
-        bos_token_id=hf.get("bos_token_id"))

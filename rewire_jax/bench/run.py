@@ -11,10 +11,10 @@ same weights. Rows:
 
   HF generate            transformers `generate`, greedy, KV cache (the baseline everyone uses)
   torch rewired          the rewiring cycle the PyTorch way: the phases of the tests' oracle
-                         (tests/torch_reference.py `_phase`: n Adam steps, full forward + backward
+                         (rewire_jax/bench/torch_reference.py `_phase`: n Adam steps, full forward + backward
                          per step) and a KV-cache greedy decode of each segment with the deltas
                          injected into the routers (prefill of the context after every phase)
-  torch oracle           (--with-oracle) tests/torch_reference.py `reference_generate` itself: no KV
+  torch oracle           (--with-oracle) rewire_jax/bench/torch_reference.py `reference_generate` itself: no KV
                          cache, a full forward per token; slow, and checks the tokens
   rewire_jax baseline    `rewire_jax.generate(model, prompt, n)` (no rewiring)
   rewire_jax rewired     `rewire_jax.generate(..., rewire=RewireOptions(...))`
@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Optional
 
 import numpy as np
 
+from .sections import dispatch_table, split_benchmark  # noqa: F401
 from .perf import (_timed, count_compiles, head_flops, layer_flops, matmul_peak, numpy_peak,  # noqa: F401
                    phase_flops, shape_ceiling)
 
@@ -72,11 +72,7 @@ def build_hf(shape: Shape, seed: int = 0):
 # -- the PyTorch way ---------------------------------------------------------------------------------
 
 def _torch_reference():
-    here = Path(__file__).resolve().parent.parent / "tests"
-    if not (here / "torch_reference.py").exists():
-        raise FileNotFoundError("tests/torch_reference.py not found: run from a source checkout")
-    sys.path.insert(0, str(here))
-    import torch_reference
+    from . import torch_reference   # imports torch: only when the PyTorch rows run
     return torch_reference
 
 
@@ -346,88 +342,6 @@ def _versions() -> dict:
     return out
 
 
-def dispatch_table(shape: Shape, args) -> dict:
-    """Forward + backward (w.r.t. tokens and combine weights) of one MoE layer's routed experts at
-    prefill / phase shapes, every dispatch path, on the default device: checks the automatic choice."""
-    import jax
-    import jax.numpy as jnp
-    from rewire_jax import moe
-    E, k, d, I = shape.experts, shape.top_k, shape.hidden, shape.intermediate
-    out = {}
-    for dt in args.dtypes:
-        for N in (256, 1024, 4096):
-            rng = np.random.default_rng(0)
-            x = jnp.asarray(rng.normal(size=(N, d)), dt)
-            ex = {n: jnp.asarray(rng.normal(size=s) * 0.05, dt) for n, s in
-                  (("gate_proj", (E, d, I)), ("up_proj", (E, d, I)), ("down_proj", (E, I, d)))}
-            w, idx = jax.lax.top_k(jax.nn.softmax(jnp.asarray(rng.normal(size=(N, E)), jnp.float32)), k)
-            for method in moe.METHODS:
-                f = jax.jit(jax.grad(lambda x, w: jnp.sum(moe.dispatch(x, w, idx, ex, method).astype(jnp.float32) ** 2),
-                                     argnums=(0, 1)))
-                jax.block_until_ready(f(x, w))
-                t = min(_timed(lambda: jax.block_until_ready(f(x, w))) for _ in range(5))
-                out[f"{dt} N={N} {method}"] = {"ms": 1e3 * t, "useful_gflops": 2 * 2 * 3 * N * k * d * I / t / 1e9}
-        print("  dispatch fwd+bwd: " + ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in out.items() if dt in k), flush=True)
-    out["auto"] = {str(N): moe.choose_method(N, k, E, hidden=d, inter=I) for N in (1, 256, 1024, 4096)}
-    return out
-
-
-def split_benchmark(model, prompt, args, ropts) -> dict:
-    """Optimise phase with the lowest updated layer at 3/4 depth: plain vs layers-below-once.
-
-    'hard': the routers of the top quarter of the layers are scaled by 0.01 (near-uniform routing has
-    the largest Eq.-2 score), so hard selection with ratio 1/4 picks exactly those layers; the split
-    point is found at run time from the first step's scores. 'last_k': the same layers, statically.
-    """
-    import flax
-    import jax
-    import jax.numpy as jnp
-    from rewire_jax import rewire as R
-    cfg = model.config
-    L, Lm = cfg.num_layers, cfg.num_moe_layers
-    top = 3 * L // 4
-    flat = flax.traverse_util.flatten_dict(model.params, sep="/")
-    for k in flat:
-        if k.endswith("mlp/gate/kernel") and int(k.split("/")[0].split("_")[1]) >= top:
-            flat[k] = flat[k] * 0.01
-    params = flax.traverse_util.unflatten_dict(flat, sep="/")
-    T = args.split_context or R.bucket_length(len(prompt) + args.new_tokens // 2)
-    tokens = jnp.asarray(np.resize(np.asarray(prompt), T)[None], jnp.int32)
-    out: dict = {"context": T, "lowest_layer": top}
-
-    def phase(opts):
-        d = jnp.zeros((1, *cfg.delta_shape))
-        a = (params, d, R.init_opt_state(opts, d), tokens, jnp.array([T]), jnp.array([True]), np.zeros(Lm, bool))
-        t0 = time.perf_counter()
-        o = jax.block_until_ready(R.optimise_phase(*a, cfg, opts))
-        return o, time.perf_counter() - t0
-
-    for sel, extra in (("hard", dict(ratio=(L - top) / L)), ("last_k", dict(last_k=Lm - cfg.moe_index(top)))):
-        res, times = {}, {False: [], True: []}
-        variants = {cb: ropts.replace(selection=sel, cache_below=cb, **extra) for cb in (False, True)}
-        for cb in (False, True):
-            phase(variants[cb])                 # compile
-        for _ in range(args.repeats + 1):      # interleaved, best of
-            for cb in (False, True):
-                res[cb], dt = phase(variants[cb])
-                times[cb].append(dt)
-        sel_layers = [cfg.moe_layers[i] for i in np.flatnonzero(np.asarray(res[True].weights)[0] > 0)]
-        lowest = min(sel_layers)
-        plain_brief = ropts.steps * (sum(layer_flops(cfg, T)[0] for _ in range(L)) + head_flops(cfg, T)
-                                     + sum(layer_flops(cfg, T)[1] for _ in range(L - lowest - 1)) + head_flops(cfg, T))
-        cached = phase_flops(cfg, T, ropts.steps, lowest, split=lowest)
-        plain_actual = phase_flops(cfg, T, ropts.steps, 0)   # jax.grad of every delta row: back to layer 0
-        t_plain, t_cached = min(times[False]), min(times[True])
-        out[sel] = {"selected_layers": sel_layers, "t_plain": t_plain, "t_cached": t_cached,
-                    "speedup": t_plain / t_cached, "predicted_brief": plain_brief / cached,
-                    "saving_achieved": (1 - t_cached / t_plain) / (1 - cached / plain_brief),
-                    "predicted_actual_plain": plain_actual / cached,
-                    "max_abs_delta_diff": float(jnp.abs(res[True].deltas - res[False].deltas).max()),
-                    "gflops_cached": cached / 1e9 / t_cached}
-        print(f"  split {sel}: {out[sel]}", flush=True)
-    return out
-
-
 def report(result, rows: list[Row], args):
     def f(x, fmt="{:.2f}"):
         return "" if x is None else fmt.format(x)
@@ -514,7 +428,7 @@ def main(argv=None):
     p.add_argument("--split-context", type=int, default=None, help="context of the split comparison (default: prompt)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-split", action="store_true")
-    p.add_argument("--with-oracle", action="store_true", help="also run tests/torch_reference.reference_generate")
+    p.add_argument("--with-oracle", action="store_true", help="also run torch_reference.reference_generate")
     p.add_argument("--gpu", action="store_true", help="GPU/TPU run: torch on CUDA when available; fp32 + bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")

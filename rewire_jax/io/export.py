@@ -1,27 +1,26 @@
-"""Writing the rewire-jax param tree back out as a Hugging Face model directory.
+"""Writing a rewire-jax model back out as a Hugging Face model directory, for every architecture.
 
-`save_hf` is the exact inverse of the OLMoE converter in `families/olmoe.py`: it writes the
-`config.json` that `transformers.OlmoeConfig.save_pretrained` writes and a single
-`model.safetensors` with the hub's per-expert key layout
-(`model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`, spec section 2.1 / 5), so that
-both `transformers.OlmoeForCausalLM.from_pretrained(dir)` and `rewire_jax.load(dir)` read it.
-
-The directory appears atomically: everything is written to a temporary sibling directory that is
-renamed to `out_dir` at the end (an existing `out_dir` is replaced only once the new one is
-complete).
+The weights are written from the same declarations that loading reads (`model/weights.py`), as
+the inverse transforms, in the hub's key layout (per-expert `experts.{e}.{proj}.weight`, Mixtral's
+`block_sparse_moe`, gpt-oss's interleaved `gate_up_proj`, unquantized), so that
+`transformers.AutoModelForCausalLM.from_pretrained(dir)` and `rewire_jax.load(dir)` both read it.
+config.json is the source model's own (when there is one: `hf_config=`), else generated (OLMoE).
+The directory appears atomically (`rewire_jax.io.atomic`).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import jax
 import numpy as np
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
+from ..model.weights import Weight, layer_params, layer_weights, model_weights
+from .atomic import atomic_directory
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -35,9 +34,11 @@ class ExportError(ValueError):
 # -- config ----------------------------------------------------------------------------------
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
-    """Keyword arguments of `transformers.OlmoeConfig` that reproduce `cfg` (checked)."""
+    """Keyword arguments of `transformers.OlmoeConfig` that reproduce `cfg` (checked). Other
+    families export with their source config.json (`save_hf(..., hf_config=...)`)."""
     if cfg.model_type != "olmoe":
-        raise ExportError(f"save_hf supports model_type 'olmoe' only, got {cfg.model_type!r}")
+        raise ExportError(f"a config.json can be generated for model_type 'olmoe' only, got "
+                          f"{cfg.model_type!r}: pass hf_config= (the source model's config.json)")
     problems = []
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         problems.append(f"head_dim {cfg.head_dim} * num_heads {cfg.num_heads} != hidden_size "
@@ -68,47 +69,62 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     )
 
 
-def _write_config(cfg: ModelConfig, out: Path, dtype: np.dtype) -> None:
+def _write_config(cfg: ModelConfig, out: Path, dtype: np.dtype, hf_config: Optional[dict]) -> None:
+    name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
+    if hf_config is not None:   # the source's own config: exact for every family
+        hf = {k: v for k, v in hf_config.items() if k != "quantization_config"}   # we write dequantized
+        hf.update(dtype=name, torch_dtype=name) if "torch_dtype" in hf else hf.update(dtype=name)
+        (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        return
     from transformers import OlmoeConfig
 
     hf_cfg = OlmoeConfig(**hf_config_dict(cfg))
     # What PreTrainedModel.save_pretrained records on top of the bare config.
     hf_cfg.architectures = ["OlmoeForCausalLM"]
-    hf_cfg.dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
+    hf_cfg.dtype = name
     hf_cfg.save_pretrained(str(out))
 
 
 # -- weights ---------------------------------------------------------------------------------
 
+def _write(out: dict, w: Weight, a: np.ndarray, cfg: ModelConfig, prefix: str = "") -> None:
+    """The inverse of `rewire_jax.io.hf.read` for one (unstacked) weight, in the hub layout."""
+    h, key = w.hf, prefix + w.hf.key
+    if h.kind == "id":
+        out[key] = a
+    elif h.kind == "t":
+        out[key] = a.T
+    elif h.kind == "experts":           # [E, in, out] -> per-expert [out, in]
+        for e in range(a.shape[0]):
+            out[f"{key}.{e}.{h.part}.weight"] = a[e].T
+    elif h.kind == "gptoss":            # gate / up interleaved in the last axis of gate_up_proj(_bias)
+        if h.part in ("down", "down_bias"):
+            out[f"{key}.down_proj" + ("_bias" if h.part == "down_bias" else "")] = a
+        else:
+            name = f"{key}.gate_up_proj" + ("_bias" if h.part.endswith("bias") else "")
+            buf = out.setdefault(name, np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype))
+            first = 0 if h.part.startswith("gate") else 1
+            buf[..., first::2] = a
+    else:
+        raise ExportError(f"no HF export for mapping kind {h.kind!r}")
+
+
 def hf_state_dict(cfg: ModelConfig, params: Any, dtype: Optional[Any] = None) -> dict[str, np.ndarray]:
-    """Our param tree -> {HF key: numpy array} in the hub layout (inverse of families/olmoe.py)."""
+    """Our param tree -> {HF key: numpy array} in the hub layout, read from the weight declarations."""
     host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
     if dtype is not None:
         host = jax.tree.map(lambda a: a.astype(np.dtype(dtype)), host)
-    t = lambda a: np.ascontiguousarray(np.swapaxes(a, -1, -2))  # flax kernel [in,out] <-> [out,in]
-    out: dict[str, np.ndarray] = {
-        "model.embed_tokens.weight": host["embed_tokens"]["embedding"],
-        "model.norm.weight": host["norm"]["weight"],
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = t(host["lm_head"]["kernel"])
+    out: dict[str, np.ndarray] = {}
+    for name, w in model_weights(cfg).items():
+        _write(out, w, host[name], cfg)
     for i in range(cfg.num_layers):
-        p, lp = f"model.layers.{i}", host[f"layers_{i}"]
-        out[f"{p}.input_layernorm.weight"] = lp["input_layernorm"]["weight"]
-        out[f"{p}.post_attention_layernorm.weight"] = lp["post_attention_layernorm"]["weight"]
-        attn = lp["self_attn"]
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{p}.self_attn.{name}.weight"] = t(attn[name]["kernel"])
-            if "bias" in attn[name]:
-                out[f"{p}.self_attn.{name}.bias"] = attn[name]["bias"]
-        out[f"{p}.self_attn.q_norm.weight"] = attn["q_norm"]["weight"]
-        out[f"{p}.self_attn.k_norm.weight"] = attn["k_norm"]["weight"]
-        mlp = lp["mlp"]
-        out[f"{p}.mlp.gate.weight"] = t(mlp["gate"]["kernel"])
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            stacked = mlp[name]  # [E, in, out]
-            for e in range(cfg.num_experts):
-                out[f"{p}.mlp.experts.{e}.{name}.weight"] = t(stacked[e])
+        layer = layer_params(host, cfg, i)
+        decl = layer_weights(cfg, i)
+        for path, w in jax.tree_util.tree_flatten_with_path(decl, is_leaf=lambda x: isinstance(x, Weight))[0]:
+            a = layer
+            for k in path:
+                a = a[k.key]
+            _write(out, w, a, cfg, f"model.layers.{i}.")
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -129,29 +145,30 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
 
 
 def save_hf(cfg: ModelConfig, params: Any, out_dir: Union[str, os.PathLike], tokenizer: Any = None,
-            dtype: Optional[Any] = None,
-            extra_files: Optional[Mapping[str, Union[str, bytes]]] = None) -> Path:
-    """Write an HF-format OLMoE model directory; returns its path.
+            dtype: Optional[Any] = None, extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+            hf_config: Optional[dict] = None, overwrite: bool = True) -> Path:
+    """Write an HF-format model directory; returns its path.
 
-    cfg, params: a rewire-jax config (model_type 'olmoe') and its param tree (jax or numpy leaves).
+    cfg, params: a rewire-jax config and its param tree (jax or numpy leaves).
     tokenizer: None, a directory holding tokenizer files (copied), or an object with
         `save_pretrained` (e.g. a transformers tokenizer).
     dtype: dtype of the saved tensors (default: the params' own dtype).
+    hf_config: the source model's config.json as a dict (needed for every family but OLMoE).
     extra_files: {relative file name: text or bytes} also written into the directory
         (e.g. a model card), so that they appear atomically with the weights.
     """
     from safetensors.numpy import save_file
 
-    out_dir = Path(out_dir).absolute()
-    hf_config_dict(cfg)  # validate before touching params or the disk
+    if hf_config is None:
+        hf_config_dict(cfg)  # validate before touching params or the disk
     tensors = hf_state_dict(cfg, params, dtype)
     dtypes = {v.dtype for v in tensors.values()}
-    if len(dtypes) != 1:
-        raise ExportError(f"params have mixed dtypes {sorted(map(str, dtypes))}; pass dtype=")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        _write_config(cfg, tmp, dtypes.pop())
+    if len(dtypes) != 1:   # DeepSeek-V3's fp32 correction bias: save it in the weights' dtype
+        main = max(dtypes, key=lambda d: sum(v.size for v in tensors.values() if v.dtype == d))
+        tensors = {k: v.astype(main) for k, v in tensors.items()}
+        dtypes = {main}
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        _write_config(cfg, tmp, dtypes.pop(), hf_config)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
@@ -163,25 +180,6 @@ def save_hf(cfg: ModelConfig, params: Any, out_dir: Union[str, os.PathLike], tok
                 target.write_text(content, encoding="utf-8")
             else:
                 target.write_bytes(content)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return out_dir
-    # Replace an existing directory: move it aside, move the new one in, then delete the old one
-    # (restoring it if the second rename fails).
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rename(out_dir, old / "previous")
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old / "previous", out_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return Path(out_dir).absolute()

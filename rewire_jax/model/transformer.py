@@ -1,0 +1,274 @@
+"""The decoder-only MoE transformer as pure functions of (params, config).
+
+Params are the plain nested dict declared in `weights.py`. Runs of identical decoder layers (a
+`Stack` of `layer_plan`) execute as one `lax.scan` over their stacked weights, so the traced and
+compiled program does not grow with depth. The router deltas are an explicit input,
+`deltas [B, L_moe, E]`: row r belongs to decoder layer `cfg.moe_layers[r]` and is added to that
+layer's router logits (`moe.moe_block`, the only place a delta enters).
+
+KV cache: a tree shaped like the stacks, `cache[stack][sub][name]` = [repeats, B, S, ...] (GQA:
+'k', 'v' [.., K, D]; MLA: 'latent' [.., R], 'k_pe' [.., Dr]); token t of sequence b lives in row
+t of every layer (right padding).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import layers as L
+from .attention import attention
+from .config import ModelConfig
+from .moe import EXPERT_WEIGHTS, dense_mlp, moe_block
+from .weights import Stack, layer_plan
+
+#: On CPU, stacks of at most this many repeats run unrolled by default (see `scan_stack`).
+UNROLL_MAX_CPU = 8
+
+
+def positions_for(tokens):
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def embed(params, tokens, cfg: ModelConfig):
+    """tokens [B, T] int -> x [B, T, d]."""
+    with jax.named_scope("embed"):
+        return jnp.take(params["embed"].astype(cfg.jnp_dtype), tokens, axis=0)
+
+
+def head(params, x, cfg: ModelConfig):
+    """Final norm + LM head: x [B, T, d] -> fp32 logits [B, T, V]."""
+    with jax.named_scope("lm_head"):
+        x = L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+        return jnp.dot(x, w.astype(x.dtype)).astype(jnp.float32)
+
+
+def decoder_layer(p, x, positions, delta, cfg: ModelConfig, layer: int, cache=None, kv_valid=None,
+                  dispatch: Optional[str] = None, expert_layer=None):
+    """One pre-norm decoder layer. p: that layer's weights (unstacked, except the routed experts'
+    when expert_layer indexes their stack); delta [B, E] or None; cache: this layer's cache entry
+    or None. -> (x [B, T, d], new cache rows, aux or None). `layer` is only read for what is
+    static (MoE or dense, the attention window)."""
+    with jax.named_scope("attention"):
+        h, rows = attention(p["attn"], L.rms_norm(x, p["input_norm"], cfg.rms_norm_eps), positions, cfg,
+                            cfg.window(layer), cache, kv_valid)
+    h = x + h
+    y = L.rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
+    if cfg.is_moe(layer):
+        with jax.named_scope("moe"):
+            y, aux = moe_block(p["mlp"], y, delta, cfg, dispatch, expert_layer)
+    else:
+        with jax.named_scope("mlp"):
+            y, aux = dense_mlp(p["mlp"], y), None
+    return h + y, rows, aux
+
+
+def write_rows(stacked, rows, rep, start):
+    """stacked [R, B, S, ...]; rows [B, T, ...]; rep [] int; start [B] -> stacked with row block
+    [rep, b, start[b]:start[b]+T] = rows[b] (a scatter: in place inside loops)."""
+    B, T = rows.shape[:2]
+    pos = start[:, None] + jnp.arange(T)[None]                                     # [B, T]
+    return stacked.at[rep, jnp.arange(B)[:, None], pos].set(rows.astype(stacked.dtype), unique_indices=True,
+                                                              indices_are_sorted=True, mode="promise_in_bounds")
+
+
+def scan_stack(cfg: ModelConfig, st: Stack) -> bool:
+    """Whether a stack runs as a lax.scan (compile time independent of depth) or unrolled.
+
+    `cfg.scan_layers` True / False decides; None (default): scan, except on CPU for stacks of at most
+    UNROLL_MAX_CPU repeats. XLA:CPU copies every slice of a stacked weight before a matmul, which
+    made decode 1.6-2x slower at the benchmark's size (measured); below a few layers unrolling
+    costs little compile time, above it the scan's flat compile time wins."""
+    if st.repeats == 1:
+        return False
+    if cfg.scan_layers is not None:
+        return cfg.scan_layers
+    return jax.default_backend() != "cpu" or st.repeats > UNROLL_MAX_CPU
+
+
+def _split(tree, repeats: int):
+    """Stacked leaves [R, ...] -> a tuple of R trees of separate (materialised) per-layer arrays."""
+    return tuple(jax.tree.map(lambda a: a[r], tree) for r in range(repeats))
+
+
+def split_layers(params, cfg: ModelConfig):
+    """params with every unrolled stack's sub-layers as a tuple of per-layer trees (one copy each,
+    made once, e.g. before a decode loop), scanned stacks as they are. Idempotent."""
+    stacks = {}
+    for s, st in enumerate(layer_plan(cfg)):
+        subs = params["stacks"][str(s)]
+        stacks[str(s)] = subs if scan_stack(cfg, st) else {
+            j: t if isinstance(t, tuple) else _split(t, st.repeats) for j, t in subs.items()}
+    return {**params, "stacks": stacks}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prepare_params(params, cfg: ModelConfig):
+    """`split_layers` once, as its own compiled call: the per-layer copies become separate device
+    buffers that every later call (prefill, the phases, decode) takes as they are. What `generate`
+    does before its cycle; a no-op for scanned stacks."""
+    return split_layers(params, cfg)
+
+
+def split_cache(cache, cfg: ModelConfig):
+    """The cache with each unrolled stack's buffers as per-layer buffers (see split_layers)."""
+    return {str(s): cache[str(s)] if scan_stack(cfg, st) else
+            {j: _split(c, st.repeats) for j, c in cache[str(s)].items()} for s, st in enumerate(layer_plan(cfg))}
+
+
+def join_cache(cache):
+    """Inverse of split_cache: per-layer buffers stacked again ([R, B, S, ...] leaves)."""
+    return {s: {j: jax.tree.map(lambda *a: jnp.stack(a), *c) if isinstance(c, tuple) else c for j, c in subs.items()}
+            for s, subs in cache.items()}
+
+
+def _index(tree, rep):
+    if isinstance(rep, int):   # materialise the slice: XLA:CPU fuses a static slice into a slow matmul
+        return jax.lax.optimization_barrier(jax.tree.map(lambda a: a[rep], tree))
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, rep, keepdims=False), tree)
+
+
+def _layer_weights(p, rep, moe: bool):
+    """One repeat's weights of a stacked sub-layer; the routed experts stay stacked (the dispatch
+    slices just the experts it uses: slicing the layer here would copy all of them)."""
+    if not moe:
+        return _index(p, rep)
+    stacked = {n: a for n, a in p["mlp"].items() if n in EXPERT_WEIGHTS}
+    out = _index({**p, "mlp": {n: a for n, a in p["mlp"].items() if n not in EXPERT_WEIGHTS}}, rep)
+    out["mlp"].update(stacked)
+    return out
+
+
+def _delta_rows(cfg: ModelConfig, st, sub: int):
+    """Delta row of sub-layer `sub` at every repeat of stack `st` ([R] int32), or None if dense."""
+    if not cfg.is_moe(st.layer(0, sub)):
+        return None
+    return np.asarray([cfg.moe_index(st.layer(r, sub)) for r in range(st.repeats)], np.int32)
+
+
+def _run_reps(params_s, cache_s, st, reps: range, subs: range, x, positions, deltas, cfg, kv_valid, dispatch,
+              collect_rows: bool):
+    """Run sub-layers `subs` of repeats `reps` of one stack; a scan over the repeats when more
+    than one. -> (x, cache_s, rows {sub: [n_reps, ...]} or None, aux {sub: [n_reps, ...]})."""
+    delta_rows = {j: _delta_rows(cfg, st, j) for j in subs}
+
+    def body(carry, rep):
+        x, cache_s = carry
+        rows_out, aux_out = {}, {}
+        for j in subs:
+            split = isinstance(params_s[str(j)], tuple)     # unrolled: rep is a Python int
+            with jax.named_scope(f"layer{j}" if st.unit > 1 else "layer"):
+                moe = delta_rows[j] is not None
+                p = params_s[str(j)][rep] if split else _layer_weights(params_s[str(j)], rep, moe)
+                delta = None
+                if moe:
+                    delta = jax.lax.dynamic_index_in_dim(deltas, jnp.asarray(delta_rows[j])[rep], 1, keepdims=False)
+                c = None
+                if cache_s is not None:
+                    def c(rows, j=str(j)):   # write the rows into the cache in place, then read the layer
+                        nonlocal cache_s
+                        if isinstance(cache_s[j], tuple):
+                            layer = {n: L.write_cache(cache_s[j][rep][n], rows[n], positions[:, 0]) for n in rows}
+                            cache_s = {**cache_s, j: cache_s[j][:rep] + (layer,) + cache_s[j][rep + 1:]}
+                            return layer
+                        cache_s = {**cache_s, j: {n: write_rows(cache_s[j][n], rows[n], rep, positions[:, 0])
+                                                  for n in rows}}
+                        return _index(cache_s[j], rep)
+                x, rows, aux = decoder_layer(p, x, positions, delta, cfg, st.layer(0, j), c, kv_valid, dispatch,
+                                             None if split or not moe else rep)
+            if collect_rows:
+                rows_out[j] = rows
+            if aux is not None:
+                aux_out[j] = aux
+        return (x, cache_s), (rows_out, aux_out)
+
+    if len(reps) == 1 or any(isinstance(params_s[str(j)], tuple) for j in subs):
+        ys = []
+        for rep in reps:
+            (x, cache_s), y = body((x, cache_s), rep)
+            ys.append(y)
+        rows, aux = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else ({}, {})
+        return x, cache_s, rows, aux
+    (x, cache_s), (rows, aux) = jax.lax.scan(body, (x, cache_s), jnp.arange(reps.start, reps.stop))
+    return x, cache_s, rows, aux
+
+
+def run_layers(params, x, positions, deltas, cfg: ModelConfig, start: int = 0, stop: Optional[int] = None,
+               cache=None, kv_valid=None, dispatch: Optional[str] = None):
+    """Decoder layers [start, stop) (static). x [B, T, d]; deltas [B, L_moe, E].
+
+    -> (x, cache, aux): with `cache` given (decode), the cache with this chunk's rows written in;
+    without, the chunk's rows as a cache tree ([repeats, B, T, ...] leaves) when every layer ran
+    (prefill), else None; aux stacked over the MoE layers run along axis 1 ({} if none).
+    """
+    stop = cfg.num_layers if stop is None else stop
+    full = start == 0 and stop == cfg.num_layers
+    params = split_layers(params, cfg)
+    new_cache, per_layer_aux = {}, []
+    for s, st in enumerate(layer_plan(cfg)):
+        lo, hi = max(start, st.first), min(stop, st.stop)
+        if lo >= hi:
+            continue
+        cache_s = None if cache is None else cache[str(s)]
+        parts = []   # (reps, subs): a partial unit before/after the whole repeats
+        first_rep, first_sub = divmod(lo - st.first, st.unit)
+        last_rep, last_sub = divmod(hi - st.first, st.unit)
+        if first_sub:
+            end = st.unit if last_rep > first_rep else last_sub
+            parts.append((range(first_rep, first_rep + 1), range(first_sub, end)))
+            first_rep += 1
+        if last_rep > first_rep:
+            parts.append((range(first_rep, last_rep), range(st.unit)))
+        if last_sub and last_rep >= first_rep:
+            parts.append((range(last_rep, last_rep + 1), range(0, last_sub)))
+        for reps, subs in parts:
+            x, cache_s, rows, aux = _run_reps(params["stacks"][str(s)], cache_s, st, reps, subs, x, positions,
+                                              deltas, cfg, kv_valid, dispatch, collect_rows=full and cache is None)
+            for j, a in aux.items():
+                for k, rep in enumerate(reps):
+                    per_layer_aux.append((st.layer(rep, j), jax.tree.map(lambda v: v[k], a)))
+            if full and cache is None:
+                new_cache[str(s)] = {str(j): rows[j] for j in subs}
+        if cache is not None:
+            new_cache[str(s)] = cache_s
+    per_layer_aux.sort(key=lambda t: t[0])
+    aux = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *[a for _, a in per_layer_aux]) if per_layer_aux else {}
+    if cache is not None:
+        new_cache = {**cache, **new_cache}
+    elif not full:
+        new_cache = None
+    return x, new_cache, aux
+
+
+def forward(params, tokens, deltas, cfg: ModelConfig, positions=None, kv_valid=None,
+            dispatch: Optional[str] = None):
+    """Full (teacher-forced) forward, no cache. tokens [B, T] -> (logits [B, T, V] fp32, aux).
+    positions [B, T] (default 0..T-1) must be strictly increasing integers along T. aux:
+    {'logits' [B, L_moe, T, E] router logits (+ delta), 'idx' [B, L_moe, T, k], 'score' [B, L_moe, T]}."""
+    positions = positions_for(tokens) if positions is None else positions
+    x, _, aux = run_layers(params, embed(params, tokens, cfg), positions, deltas, cfg, kv_valid=kv_valid,
+                           dispatch=dispatch)
+    return head(params, x, cfg), aux
+
+
+def zero_deltas(cfg: ModelConfig, batch: Optional[int] = None):
+    shape = cfg.delta_shape if batch is None else (batch, *cfg.delta_shape)
+    return jnp.zeros(shape, jnp.float32)
+
+
+def batched_deltas(deltas, batch: int, cfg: ModelConfig):
+    """None | [L_moe, E] | [B, L_moe, E] -> [B, L_moe, E] fp32, with a clear error otherwise."""
+    if deltas is None:
+        return zero_deltas(cfg, batch)
+    deltas = jnp.asarray(deltas, jnp.float32)
+    if deltas.shape == cfg.delta_shape:
+        return jnp.broadcast_to(deltas, (batch, *cfg.delta_shape))
+    if deltas.shape != (batch, *cfg.delta_shape):
+        raise ValueError(
+            f"deltas have shape {deltas.shape}; expected {cfg.delta_shape} (L_moe, E) or "
+            f"{(batch, *cfg.delta_shape)} (B, L_moe, E) for this model and batch")
+    return deltas
