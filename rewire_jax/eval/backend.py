@@ -15,7 +15,8 @@ import dataclasses
 import time
 from typing import Callable, Optional, Sequence
 
-from rewire_jax import RewireOptions, Sampling, generate, perf
+from rewire_jax import RewireOptions, Sampling, generate
+from rewire_jax.bench import perf
 
 from .extract import truncate_at_stop
 

@@ -25,8 +25,8 @@ from .config import ModelConfig
 from .moe import EXPERT_WEIGHTS, dense_mlp, moe_block
 from .weights import Stack, layer_plan
 
-#: On CPU, stacks of at most this many repeats run unrolled by default (see `scan_stack`).
-UNROLL_MAX_CPU = 8
+#: Stacks of at most this many repeats run unrolled by default (see `scan_stack`).
+UNROLL_MAX = 8
 
 
 def positions_for(tokens):
@@ -79,15 +79,16 @@ def write_rows(stacked, rows, rep, start):
 def scan_stack(cfg: ModelConfig, st: Stack) -> bool:
     """Whether a stack runs as a lax.scan (compile time independent of depth) or unrolled.
 
-    `cfg.scan_layers` True / False decides; None (default): scan, except on CPU for stacks of at most
-    UNROLL_MAX_CPU repeats. XLA:CPU copies every slice of a stacked weight before a matmul, which
-    made decode 1.6-2x slower at the benchmark's size (measured); below a few layers unrolling
-    costs little compile time, above it the scan's flat compile time wins."""
+    `cfg.scan_layers` True / False decides; None (default): scan stacks of more than UNROLL_MAX
+    repeats. A scan slices its layer's weights (and KV cache) out of the stack at every step: on the
+    benchmark's 8-layer model that made decode 2x slower on CPU (XLA:CPU copies each slice before a
+    matmul) and the optimise phase 1.65x slower on an H200 (measured, scripts/scan_speed.py); below
+    a few layers unrolling costs little compile time, above it the scan's flat compile time wins."""
     if st.repeats == 1:
         return False
     if cfg.scan_layers is not None:
         return cfg.scan_layers
-    return jax.default_backend() != "cpu" or st.repeats > UNROLL_MAX_CPU
+    return st.repeats > UNROLL_MAX
 
 
 def _split(tree, repeats: int):
