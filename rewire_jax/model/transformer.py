@@ -209,7 +209,7 @@ def run_layers(params, x, positions, deltas, cfg: ModelConfig, start: int = 0, s
     stop = cfg.num_layers if stop is None else stop
     full = start == 0 and stop == cfg.num_layers
     params = split_layers(params, cfg)
-    new_cache, per_layer_aux = {}, []
+    new_cache, blocks = {}, []   # blocks: aux of the MoE layers run, [layers, B, ...] each, in layer order
     for s, st in enumerate(layer_plan(cfg)):
         lo, hi = max(start, st.first), min(stop, st.stop)
         if lo >= hi:
@@ -229,15 +229,15 @@ def run_layers(params, x, positions, deltas, cfg: ModelConfig, start: int = 0, s
         for reps, subs in parts:
             x, cache_s, rows, aux = _run_reps(params["stacks"][str(s)], cache_s, st, reps, subs, x, positions,
                                               deltas, cfg, kv_valid, dispatch, collect_rows=full and cache is None)
-            for j, a in aux.items():
-                for k, rep in enumerate(reps):
-                    per_layer_aux.append((st.layer(rep, j), jax.tree.map(lambda v: v[k], a)))
+            moe_subs = [j for j in subs if j in aux]
+            if moe_subs:   # [n_reps, n_moe_subs, ...] -> [n_reps * n_moe_subs, ...]: layer order
+                blocks.append(jax.tree.map(lambda *a: jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:]),
+                                           *[aux[j] for j in moe_subs]))
             if full and cache is None:
                 new_cache[str(s)] = {str(j): rows[j] for j in subs}
         if cache is not None:
             new_cache[str(s)] = cache_s
-    per_layer_aux.sort(key=lambda t: t[0])
-    aux = jax.tree.map(lambda *a: jnp.stack(a, axis=1), *[a for _, a in per_layer_aux]) if per_layer_aux else {}
+    aux = jax.tree.map(lambda *a: jnp.moveaxis(jnp.concatenate(a, 0), 0, 1), *blocks) if blocks else {}
     if cache is not None:
         new_cache = {**cache, **new_cache}
     elif not full:
