@@ -14,6 +14,7 @@ import numpy as np
 
 from .io import checkpoint, families, hf
 from .model import ModelConfig, batched_deltas, forward
+from .model.weights import param_shapes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -85,25 +86,48 @@ def load_tokenizer(path: str | Path):
     return import_transformers().AutoTokenizer.from_pretrained(str(path))
 
 
-def load(path: str | Path, dtype: str = "float32", progress: bool = False, dispatch: Optional[str] = None) -> Model:
+def load(path: str | Path, dtype: str = "float32", progress: bool = False, dispatch: Optional[str] = None,
+         mesh: Any = None, rules: Any = None, revision: Optional[str] = None, remat: Optional[str] = None) -> Model:
     """Load an HF model directory (config.json + safetensors, single file or sharded, per-expert or
-    fused expert layout) or a directory written by `python -m convert`.
+    fused expert layout), a directory written by `python -m convert`, or a hub id
+    ("allenai/OLMoE-1B-7B-0924", through huggingface_hub's cache: `revision`, HF_HUB_OFFLINE).
 
     dtype: 'float32' (default) or 'bfloat16' for params and activations (router softmax, deltas
     and losses always run in float32).
     dispatch: how the routed experts are computed ('auto', 'dense', 'gather', 'blocked', 'ragged';
     see rewire_jax.model.dispatch); stored in `model.config.dispatch`.
+    mesh: None (one device), a `jax.sharding.Mesh`, 'data=1,expert=4,tensor=2' or a dict of mesh
+    axis sizes (rewire_jax.model.sharding): every tensor is read straight into the shards this
+    process owns (never more than one full tensor on the host), laid out by the logical axis
+    `rules` (default `sharding.RULES`); the MoE then runs expert-parallel. Stored in
+    `model.config.mesh`.
+    remat: per-layer rematerialisation in the optimise phase ('auto', 'layer', 'none').
     """
-    path = Path(path)
+    from .io import hub
+    from .model import sharding
+
+    path = hub.resolve(path, revision=revision)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     dtype = str(jnp.dtype(dtype))
-    if checkpoint.is_converted(path):
-        cfg, params = checkpoint.load_converted(path, dtype)
+    mesh = sharding.mesh_from_spec(mesh)
+    converted = checkpoint.is_converted(path)
+    cfg = checkpoint.read_config(path).replace(dtype=dtype) if converted else \
+        families.from_hf(families.load_hf_config(path), dtype=dtype)
+    shardings = None
+    if mesh is not None:
+        shardings = sharding.param_shardings(cfg, mesh, rules)
     else:
-        cfg = families.from_hf(families.load_hf_config(path), dtype=dtype)
-        params = hf.read_params(path, cfg, progress)
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: dev, param_shapes(cfg))
+    if converted:
+        _, params = checkpoint.load_converted(path, dtype, shardings=shardings)
+    else:
+        params = hf.read_params(path, cfg, progress, shardings=shardings)
     if dispatch is not None:
         cfg = cfg.replace(dispatch=dispatch)
-    params = jax.tree.map(jnp.asarray, params)
+    if remat is not None:
+        cfg = cfg.replace(remat=remat)
+    if mesh is not None:
+        cfg = cfg.replace(mesh=mesh)
     return Model(cfg, params, load_tokenizer(path), str(path))

@@ -39,7 +39,8 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params, hf_dir: str | 
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", jax.tree.map(np.asarray, params))
+        # jax.Arrays (possibly sharded over a mesh / hosts) are written shard by shard as they are
+        ckptr.save(tmp / "params", jax.tree.map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), params))
         ckptr.wait_until_finished()
         if hf_dir is not None:
             for name in ("config.json", *TOKENIZER_FILES):
@@ -63,13 +64,18 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(meta["config"])
 
 
-def load_converted(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """-> (config, params as host numpy arrays of the declared dtypes)."""
+def load_converted(path: str | Path, dtype: str | None = None, shardings=None) -> tuple[ModelConfig, dict]:
+    """-> (config, params): host numpy arrays of the declared dtypes, or with `shardings` (a param
+    tree of jax Shardings, any mesh: not necessarily the one used at conversion) jax.Arrays that
+    orbax restores straight into the shards of this process's devices."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     cfg = read_config(path)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    params = ocp.StandardCheckpointer().restore(path / "params", param_shapes(cfg))
+    target = param_shapes(cfg)
+    if shardings is not None:
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
+    params = ocp.StandardCheckpointer().restore(path / "params", target)
     return cfg, params

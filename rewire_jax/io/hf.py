@@ -7,16 +7,18 @@ synthetic index of key names and shapes with no data (`TensorSource.from_shapes`
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..model.config import ModelConfig
 from ..model.weights import HF, Weight, declarations, layer_plan, layer_weights, map_weights, model_weights
 from . import mxfp4
-from .safetensors import CheckpointError, Lazy, TensorSource, stack, take_slice, transpose
+from .safetensors import CheckpointError, Lazy, TensorSource, normalise, stack, take_slice, transpose
 
 #: Key spellings accepted besides the declared (hub) one: Mixtral's `block_sparse_moe` hub keys are
 #: `mlp` in a raw transformers state_dict.
@@ -58,7 +60,13 @@ def _dequantized(src: TensorSource, prefix: str) -> Lazy:
         raise CheckpointError(f"MXFP4 {blocks.origin} {blocks.shape} and {scales.origin} {scales.shape} "
                               "do not pair up ([E, out, G, 16] and [E, out, G])")
     shape = blocks.shape[:-2] + (blocks.shape[-2] * 32,)
-    return Lazy(shape, "float32", lambda: mxfp4.dequantize(blocks.load(), scales.load()), blocks.origin)
+
+    def part(index):   # dequantize just the blocks of this region (one shard)
+        lead, last = index[:-1], index[-1]
+        g0, g1 = last.start // 32, -(-last.stop // 32)
+        out = mxfp4.dequantize(blocks.part(lead + (slice(g0, g1), slice(0, 16))), scales.part(lead + (slice(g0, g1),)))
+        return out[..., last.start - g0 * 32:last.stop - g0 * 32]
+    return Lazy(shape, "float32", lambda: mxfp4.dequantize(blocks.load(), scales.load()), blocks.origin, part)
 
 
 def _gptoss_experts(src: TensorSource, prefix: str, part: str) -> Lazy:
@@ -136,19 +144,85 @@ def lazy_params(cfg: ModelConfig, src: TensorSource) -> dict:
     return tree
 
 
-def materialise(tree, cfg: ModelConfig, progress: bool = False, desc: str = "loading") -> dict:
-    """Read every Lazy leaf as a numpy array of its declared dtype."""
+def materialise(tree, cfg: ModelConfig, progress: bool = False, desc: str = "loading", shardings=None) -> dict:
+    """Read every Lazy leaf as a numpy array of its declared dtype, or, with `shardings` (a param
+    tree of jax Shardings), straight into the shards of the devices this process owns (`place`)."""
     dtypes = jax.tree.leaves(map_weights(lambda w: np.dtype(w.dtype(cfg)), declarations(cfg)))
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, Lazy))
     it: Iterable = leaves
     if progress:
         from tqdm import tqdm
         it = tqdm(leaves, desc=desc, unit="tensor")
-    out = [np.asarray(leaf.load()).astype(dt) for leaf, dt in zip(it, dtypes)]
+    if shardings is None:
+        out = [np.asarray(leaf.load()).astype(dt, copy=False) for leaf, dt in zip(it, dtypes)]
+    else:
+        sh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        out = [place(leaf, s, dt) for leaf, s, dt in zip(it, sh, dtypes)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def read_params(path, cfg: ModelConfig, progress: bool = False, src: Optional[TensorSource] = None) -> dict:
-    """An HF directory's weights as the param tree (numpy leaves)."""
+#: Host bytes read and copied to a device at a time when a shard is larger (`place`).
+CHUNK_BYTES = 64 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _updater(ndim: int):
+    return jax.jit(lambda buf, chunk, *offs: jax.lax.dynamic_update_slice(buf, chunk, offs), donate_argnums=0)
+
+
+def _chunks(index: tuple, itemsize: int) -> list[tuple]:
+    """Split a region (tuple of slices) along its leading dims into pieces of <= CHUNK_BYTES."""
+    sizes = [s.stop - s.start for s in index]
+    if int(np.prod(sizes)) * itemsize <= CHUNK_BYTES:
+        return [index]
+    for ax, n in enumerate(sizes):
+        if n > 1:
+            step = max(1, n // -(-int(np.prod(sizes)) * itemsize // CHUNK_BYTES))
+            out = []
+            for lo in range(index[ax].start, index[ax].stop, step):
+                sub = index[:ax] + (slice(lo, min(lo + step, index[ax].stop)),) + index[ax + 1:]
+                out.extend(_chunks(sub, itemsize))
+            return out
+    return [index]
+
+
+def place(lazy: Lazy, sharding, dtype) -> jax.Array:
+    """A Lazy tensor -> a jax.Array laid out by `sharding`, reading from the checkpoint only the
+    regions of the shards this process's devices hold (each distinct region once; replicated
+    copies share it). A shard bigger than CHUNK_BYTES is filled in place piece by piece (a donated
+    dynamic_update_slice), so the host never holds more than one piece: a host's peak is its own
+    shards plus CHUNK_BYTES, never a full tensor."""
+    dtype = np.dtype(dtype)
+    shape = tuple(lazy.shape)
+    by_region: dict = {}
+    for dev, idx in sharding.addressable_devices_indices_map(shape).items():
+        region = normalise(idx, shape)
+        by_region.setdefault(tuple((s.start, s.stop) for s in region), []).append(dev)
+    arrays = []
+    for key, devs in by_region.items():
+        region = tuple(slice(a, b) for a, b in key)
+        pieces = _chunks(region, dtype.itemsize)
+        if len(pieces) == 1:
+            host = np.asarray(lazy.part(region)).astype(dtype, copy=False)
+            arrays.extend(jax.device_put(host, d) for d in devs)
+            del host
+            continue
+        local = tuple(b - a for a, b in key)
+        bufs = [jnp.zeros(local, dtype, device=d) for d in devs]
+        for piece in pieces:
+            host = np.asarray(lazy.part(piece)).astype(dtype, copy=False)
+            offs = [np.int32(p.start - r.start) for p, r in zip(piece, region)]
+            for i, d in enumerate(devs):
+                bufs[i] = _updater(len(shape))(bufs[i], jax.device_put(host, d), *offs)
+                bufs[i].block_until_ready()
+            del host
+        arrays.extend(bufs)
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def read_params(path, cfg: ModelConfig, progress: bool = False, src: Optional[TensorSource] = None,
+                shardings=None) -> dict:
+    """An HF directory's weights as the param tree: numpy leaves, or with `shardings` jax.Arrays
+    read straight into this process's shards."""
     src = src or TensorSource.from_dir(path)
-    return materialise(lazy_params(cfg, src), cfg, progress)
+    return materialise(lazy_params(cfg, src), cfg, progress, shardings=shardings)

@@ -17,14 +17,31 @@ class CheckpointError(ValueError):
 
 
 class Lazy:
-    """A tensor whose data is read only on `.load()`; ops compose a loader function."""
+    """A tensor whose data is read only on `.load()`; ops compose a loader function.
 
-    def __init__(self, shape, dtype, loader: Callable[[], np.ndarray], origin: str = ""):
+    `.part(index)` (a tuple of one slice per dimension, step 1) reads just that region: from the
+    file (safetensors slices), through transposes, stacks, strided slices and MXFP4 blocks, so
+    that a shard is read without the full tensor (`rewire_jax.io.hf.place`). Ops without a
+    region reader fall back to loading the whole tensor once.
+    """
+
+    def __init__(self, shape, dtype, loader: Callable[[], np.ndarray], origin: str = "",
+                 part: Optional[Callable[[tuple], np.ndarray]] = None):
         self.shape, self.dtype, self._loader, self.origin = tuple(shape), np.dtype(dtype), loader, origin
+        self._part = part
 
     def load(self) -> np.ndarray:
         out = self._loader()
         assert out.shape == self.shape, (self.origin, out.shape, self.shape)
+        return out
+
+    def part(self, index: tuple) -> np.ndarray:
+        index = normalise(index, self.shape)
+        if all(s.start == 0 and s.stop == n for s, n in zip(index, self.shape)):
+            return self.load()
+        out = self._part(index) if self._part is not None else self.load()[index]
+        want = tuple(s.stop - s.start for s in index)
+        assert out.shape == want, (self.origin, index, out.shape, want)
         return out
 
     def map(self, fn: Callable[[np.ndarray], np.ndarray], shape) -> "Lazy":
@@ -34,9 +51,26 @@ class Lazy:
         return f"Lazy({self.origin}, {self.shape}, {self.dtype})"
 
 
+def normalise(index, shape) -> tuple:
+    """index (tuple of slices, possibly shorter than shape, None bounds) -> full tuple of
+    slice(start, stop) with ints, step 1."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    out = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        assert step == 1, "region reads take step-1 slices"
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
 def transpose(t: Lazy, axes: Optional[tuple[int, ...]] = None) -> Lazy:
     axes = tuple(reversed(range(len(t.shape)))) if axes is None else axes
-    return t.map(lambda a: np.transpose(a, axes), tuple(t.shape[i] for i in axes))
+    inv = np.argsort(axes)
+
+    def part(index):
+        src = tuple(index[int(inv[i])] for i in range(len(axes)))
+        return np.transpose(t.part(src), axes)
+    return Lazy(tuple(t.shape[i] for i in axes), t.dtype, lambda: np.transpose(t.load(), axes), t.origin, part)
 
 
 def stack(ts: list[Lazy], axis: int = 0) -> Lazy:
@@ -46,7 +80,31 @@ def stack(ts: list[Lazy], axis: int = 0) -> Lazy:
                               + ", ".join(f"{t.origin} {t.shape}" for t in ts))
     shape = list(ts[0].shape)
     shape.insert(axis, len(ts))
-    return Lazy(shape, ts[0].dtype, lambda: np.stack([t.load() for t in ts], axis), ts[0].origin)
+
+    def part(index):
+        rest = index[:axis] + index[axis + 1:]
+        sel = range(index[axis].start, index[axis].stop)
+        out = None
+        for i, r in enumerate(sel):   # one component at a time into the output
+            a = ts[r].part(rest)
+            if out is None:
+                out = np.empty(a.shape[:axis] + (len(sel),) + a.shape[axis:], a.dtype)
+            out[(slice(None),) * axis + (i,)] = a
+            del a
+        return out
+
+    return Lazy(shape, ts[0].dtype, lambda: _stack_all(ts, axis), ts[0].origin, part)
+
+
+def _stack_all(ts, axis):
+    out = None
+    for i, t in enumerate(ts):
+        a = t.load()
+        if out is None:
+            out = np.empty(a.shape[:axis] + (len(ts),) + a.shape[axis:], a.dtype)
+        out[(slice(None),) * axis + (i,)] = a
+        del a
+    return out
 
 
 def take_slice(t: Lazy, axis: int, start: int, stop: int, step: int = 1) -> Lazy:
@@ -54,7 +112,18 @@ def take_slice(t: Lazy, axis: int, start: int, stop: int, step: int = 1) -> Lazy
     idx[axis] = slice(start, stop, step)
     shape = list(t.shape)
     shape[axis] = len(range(start, stop, step))
-    return t.map(lambda a: a[tuple(idx)], shape)
+
+    def part(index):
+        s = index[axis]
+        if step == 1:
+            src = index[:axis] + (slice(start + s.start, start + s.stop),) + index[axis + 1:]
+            return t.part(src)
+        lo, hi = start + s.start * step, start + (s.stop - 1) * step + 1
+        src = index[:axis] + (slice(lo, hi),) + index[axis + 1:]
+        sub = [slice(None)] * len(t.shape)
+        sub[axis] = slice(None, None, step)
+        return np.ascontiguousarray(t.part(src)[tuple(sub)])
+    return Lazy(shape, t.dtype, lambda: t.load()[tuple(idx)], t.origin, part)
 
 
 class TensorSource:
@@ -112,7 +181,7 @@ class TensorSource:
             raise CheckpointError(f"missing key {key!r} in {self.where}")
         self.used.add(key)
         shape, dtype, loader = self.index[key]
-        return Lazy(shape, dtype, loader, key)
+        return Lazy(shape, dtype, loader, key, getattr(loader, "part", None))
 
     def skip(self, predicate: Callable[[str], bool]) -> None:
         """Mark keys the model deliberately does not use (e.g. DeepSeek-V3's MTP layers) as consumed."""
@@ -140,4 +209,13 @@ def _reader(fpath: str, key: str):
                 return f.get_tensor(key)
         except Exception as e:
             raise unreadable(fpath, e) from None
+
+    def part(index):
+        from safetensors import safe_open
+        try:
+            with safe_open(fpath, framework="numpy") as f:
+                return f.get_slice(key)[index]
+        except Exception as e:
+            raise unreadable(fpath, e) from None
+    load.part = part
     return load

@@ -7,7 +7,7 @@ never traced. HF `config.json` dicts are turned into a `ModelConfig` by the fami
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from .routers import ROUTERS
 
@@ -48,6 +48,9 @@ class MLAConfig:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+
+#: per-layer rematerialisation (rewire_jax.model.transformer.use_remat)
+REMAT_MODES = ("auto", "layer", "none")
 
 #: MoE dispatch paths (rewire_jax.model.dispatch); 'auto' picks per backend and shape
 DISPATCH_METHODS = ("auto", "dense", "gather", "blocked", "ragged")
@@ -119,6 +122,8 @@ class ModelConfig:
     # -- execution (not architecture): how the routed experts are computed; every path is exact
     dispatch: str = "auto"  # one of DISPATCH_METHODS; per call: forward(..., dispatch=...)
     scan_layers: Optional[bool] = None  # run stacks of identical layers as a scan; None: auto (transformer.scan_stack)
+    remat: str = "auto"  # per-layer rematerialisation under autodiff: 'auto' (long contexts), 'layer', 'none'
+    mesh: Optional[Any] = None  # a jax.sharding.Mesh (model/sharding.py): batch + experts sharded; not serialised
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -151,6 +156,8 @@ class ModelConfig:
             raise ConfigError(f"expert_activation {self.expert_activation!r}; use 'silu' or 'gptoss'")
         if self.dispatch not in DISPATCH_METHODS:
             raise ConfigError(f"dispatch {self.dispatch!r}; choose one of {', '.join(DISPATCH_METHODS)}")
+        if self.remat not in REMAT_MODES:
+            raise ConfigError(f"remat {self.remat!r}; choose one of {', '.join(REMAT_MODES)}")
         if self.expert_activation == "gptoss" and self.swiglu_limit is None:
             raise ConfigError("expert_activation='gptoss' needs swiglu_limit")
 
@@ -183,11 +190,14 @@ class ModelConfig:
 
     # -- (de)serialisation of our own format (converted checkpoints) ------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self.replace(mesh=None))
+        d.pop("mesh")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
+        d.pop("mesh", None)
         d["rope"] = RopeConfig(**d.get("rope", {}))
         d["router"] = RouterConfig(**d.get("router", {}))
         if d.get("mla") is not None:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from .attention import linear
 from .config import ModelConfig
 from .dispatch import dispatch
+from .expert_parallel import moe_dispatch
 from .layers import swiglu
 from .routers import route, token_confidence
 
@@ -35,9 +36,14 @@ def moe_block(p, x, delta, cfg: ModelConfig, dispatch_method: Optional[str] = No
         weights, idx = route(flat, cfg, p.get("correction_bias"))
     with jax.named_scope("experts"):
         experts = {n: p[n] for n in EXPERT_WEIGHTS if n in p}
-        y = dispatch(x.reshape(B * T, d), weights.astype(cfg.jnp_dtype), idx, experts,
-                     dispatch_method or cfg.dispatch, cfg.expert_activation, cfg.swiglu_limit,
-                     expert_layer).reshape(B, T, d)
+        if cfg.mesh is not None:   # expert-parallel in shard_map (model/expert_parallel.py)
+            k = idx.shape[-1]
+            y = moe_dispatch(x, weights.astype(cfg.jnp_dtype).reshape(B, T, k), idx.reshape(B, T, k), experts,
+                             cfg, dispatch_method or cfg.dispatch, expert_layer)
+        else:
+            y = dispatch(x.reshape(B * T, d), weights.astype(cfg.jnp_dtype), idx, experts,
+                         dispatch_method or cfg.dispatch, cfg.expert_activation, cfg.swiglu_limit,
+                         expert_layer).reshape(B, T, d)
     if cfg.shared_expert_size:
         with jax.named_scope("shared_expert"):
             shared = swiglu(x, p["shared_gate_proj"], p["shared_up_proj"], p["shared_down_proj"])

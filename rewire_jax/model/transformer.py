@@ -23,6 +23,7 @@ from . import layers as L
 from .attention import attention
 from .config import ModelConfig
 from .moe import EXPERT_WEIGHTS, dense_mlp, moe_block
+from .sharding import constrain_batch
 from .weights import Stack, layer_plan
 
 #: Stacks of at most this many repeats run unrolled by default (see `scan_stack`).
@@ -209,6 +210,8 @@ def run_layers(params, x, positions, deltas, cfg: ModelConfig, start: int = 0, s
     stop = cfg.num_layers if stop is None else stop
     full = start == 0 and stop == cfg.num_layers
     params = split_layers(params, cfg)
+    if cfg.mesh is not None:   # every sequence's activations, deltas (and so Adam state, cache rows) on the batch axes
+        x, deltas = constrain_batch(x, cfg.mesh), constrain_batch(deltas, cfg.mesh)
     new_cache, blocks = {}, []   # blocks: aux of the MoE layers run, [layers, B, ...] each, in layer order
     for s, st in enumerate(layer_plan(cfg)):
         lo, hi = max(start, st.first), min(stop, st.stop)
