@@ -68,6 +68,28 @@ def decoder_layer(p, x, positions, delta, cfg: ModelConfig, layer: int, cache=No
     return h + y, rows, aux
 
 
+#: remat='auto' rematerialises every layer from B*T tokens on (the optimise phase's activations
+#: then grow linearly in the context; below it the extra forward costs more than it saves).
+REMAT_AUTO_TOKENS = 2048
+
+
+def use_remat(cfg: ModelConfig, n_tokens: int) -> bool:
+    """Whether decoder layers run under `jax.checkpoint` (only matters under autodiff: the
+    optimise phase). cfg.remat: 'layer' always, 'none' never, 'auto' from REMAT_AUTO_TOKENS tokens."""
+    if cfg.remat == "auto":
+        return n_tokens >= REMAT_AUTO_TOKENS
+    return cfg.remat == "layer"
+
+
+def _remat_layer(p, x, positions, delta, kv_valid, expert_layer, cfg, layer, dispatch):
+    """decoder_layer under jax.checkpoint, saving nothing inside the layer: the backward keeps only
+    each layer's input [B, T, d] and recomputes one layer at a time (same values: same ops)."""
+    def f(p, x, positions, delta, kv_valid, expert_layer):
+        return decoder_layer(p, x, positions, delta, cfg, layer, None, kv_valid, dispatch, expert_layer)
+    return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)(p, x, positions, delta, kv_valid,
+                                                                             expert_layer)
+
+
 def write_rows(stacked, rows, rep, start):
     """stacked [R, B, S, ...]; rows [B, T, ...]; rep [] int; start [B] -> stacked with row block
     [rep, b, start[b]:start[b]+T] = rows[b] (a scatter: in place inside loops)."""
@@ -180,8 +202,11 @@ def _run_reps(params_s, cache_s, st, reps: range, subs: range, x, positions, del
                         cache_s = {**cache_s, j: {n: write_rows(cache_s[j][n], rows[n], rep, positions[:, 0])
                                                   for n in rows}}
                         return _index(cache_s[j], rep)
-                x, rows, aux = decoder_layer(p, x, positions, delta, cfg, st.layer(0, j), c, kv_valid, dispatch,
-                                             None if split or not moe else rep)
+                el = None if split or not moe else rep
+                if c is None and use_remat(cfg, x.shape[0] * x.shape[1]):
+                    x, rows, aux = _remat_layer(p, x, positions, delta, kv_valid, el, cfg, st.layer(0, j), dispatch)
+                else:
+                    x, rows, aux = decoder_layer(p, x, positions, delta, cfg, st.layer(0, j), c, kv_valid, dispatch, el)
             if collect_rows:
                 rows_out[j] = rows
             if aux is not None:
