@@ -16,19 +16,24 @@ def main(argv=None) -> int:
                    help="dtype of the stored params (default: bfloat16; with --to-hf the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true")
+    from rewire_jax import distributed
+    distributed.add_arguments(p)
     a = p.parse_args(argv)
     from rewire_jax.api import import_transformers
     import_transformers()   # quietly: no "PyTorch was not found" notice
     from rewire_jax.io.convert import to_converted, to_hf
+    from rewire_jax import distributed
+    distributed.from_args(a)
     try:
         if a.to_hf:
             out = to_hf(a.src, a.out, a.dtype, a.overwrite)
         else:
-            out = to_converted(a.src, a.out, a.dtype or "bfloat16", a.overwrite, progress=not a.no_progress)
+            out = to_converted(a.src, a.out, a.dtype or "bfloat16", a.overwrite, progress=not a.no_progress,
+                               mesh=a.mesh)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    distributed.main_print(f"wrote {out}")
     return 0
 
 

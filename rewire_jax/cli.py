@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with test-time rerouting",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("--model", default=None,
-                   help="HF model directory or a directory written by `python -m convert` "
+                   help="HF model directory, a directory written by `python -m convert`, or a hub id "
+                        "(e.g. allenai/OLMoE-1B-7B-0924, via huggingface_hub's cache) "
                         "(default: the bundled demo model)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in the model directory)")
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged"), default="auto",
                    help="how the routed experts are computed (all exact; auto picks per backend and shape)")
+    from . import distributed
+    distributed.add_arguments(g)
     g.add_argument("--json", metavar="OUT", help="write tokens, text, deltas and phases to this JSON file")
     g.add_argument("--quiet", action="store_true", help="no streaming / per-phase lines")
     g.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("REWIRE_JAX_COMPILE_CACHE"),
@@ -116,7 +119,11 @@ def generate_main(a) -> int:
         print("error: the bundled demo model is missing from this install; pass --model DIR", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model = load(model_dir, dtype=a.dtype, dispatch=a.dispatch)
+    from . import distributed
+    distributed.from_args(a)
+    if not distributed.is_main():   # every host runs the same command; only process 0 prints and writes
+        a.quiet, a.json = True, None
+    model = load(model_dir, dtype=a.dtype, dispatch=a.dispatch, mesh=a.mesh)
     t_load = time.perf_counter() - t0
     if a.prompt_ids:
         try:

@@ -256,7 +256,7 @@ def run(args) -> dict:
             hf_dev.to(dtype=torch.float32, device="cpu")
 
     def jax_rows(dtype):
-        model = rewire_jax.load(tmp, dtype=dtype)
+        model = rewire_jax.load(tmp, dtype=dtype, mesh=getattr(args, "mesh", None))
 
         def gen(opts):
             r = rewire_jax.generate(model, [prompt], n, rewire=opts, eos_token_id=None)
@@ -432,6 +432,8 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="GPU/TPU run: torch on CUDA when available; fp32 + bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
+    from ..distributed import add_arguments
+    add_arguments(p)   # --mesh (and the multi-host flags) for the rewire_jax rows
     p.add_argument("--quick", action="store_true", help="a small smoke run (prompt 64, 64 tokens, interval 32)")
     args = p.parse_args(argv)
     if args.quick:

@@ -47,7 +47,9 @@ def add_parser(sub) -> None:
     d = RewireOptions()
     e = sub.add_parser("eval", help="evaluate on benchmarks (paper Tables 1-5); see `eval score|merge|report`",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--model", default=None, help="model directory (default: the bundled demo model)")
+    e.add_argument("--model", default=None, help="model directory or hub id (default: the bundled demo model)")
+    from rewire_jax import distributed
+    distributed.add_arguments(e)
     e.add_argument("--tasks", default=None, help="comma-separated: humaneval, mbpp, gsm8k, math500, mmlu_redux, "
                    "aime24, aime25; TASK=FILE uses a local json/jsonl/parquet file with the task's fields")
     e.add_argument("--methods", default="baseline,rewire", help="comma-separated: baseline, rewire, "
@@ -140,7 +142,9 @@ def run_main(a) -> int:
                                                   "selection": a.selection, "ratio": a.ratio, "last_k": a.last_k},
                      sources={k: v for k, v in tasks.items() if v}, icl_sources=_kv_list(a.icl_source, "--icl-source"),
                      sandbox_timeout=a.sandbox_timeout, workers=a.workers)
-    model = load(model_dir, dtype=a.dtype)
+    from rewire_jax import distributed
+    distributed.from_args(a)
+    model = load(model_dir, dtype=a.dtype, mesh=a.mesh)
     try:
         path = run_eval(model, tasks, _split_methods(a.methods), a.out, cfg, progress=not a.no_progress,
                         stop_after_batches=a.stop_after_batches)

@@ -20,7 +20,10 @@ from .safetensors import TensorSource
 
 
 def to_converted(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, mesh=None) -> Path:
+    """mesh (None, a Mesh or 'fsdp=8'-style spec): read straight into the shards of this process's
+    devices and write them shard by shard (multi-host: every host runs the same command). Without a
+    mesh each tensor is read into host memory once, never a second copy (peak ~1x the weights)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir} is not a directory")
@@ -30,7 +33,11 @@ def to_converted(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16
         raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass --overwrite")
     cfg = families.from_hf(families.load_hf_config(hf_dir), dtype=str(jnp.dtype(dtype)))
     lazy = hf.lazy_params(cfg, TensorSource.from_dir(hf_dir))
-    params = hf.materialise(lazy, cfg, progress=progress, desc="converting")
+    shardings = None
+    if mesh is not None:
+        from ..model import sharding
+        shardings = sharding.param_shardings(cfg, sharding.mesh_from_spec(mesh))
+    params = hf.materialise(lazy, cfg, progress=progress, desc="converting", shardings=shardings)
     return checkpoint.save_converted(out_dir, cfg, params, hf_dir, overwrite=overwrite)
 
 
