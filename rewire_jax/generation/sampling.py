@@ -24,10 +24,20 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def greedy(logits):
+    """argmax over the last axis (the first index among equal maxima, as jnp.argmax), as a max and
+    a min-reduce: XLA:CPU runs jnp.argmax's variadic (value, index) reduce ~10x slower, which was
+    ~8% of a decode step at batch 16 on the demo model (4096 logits per row)."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    V = logits.shape[-1]
+    hit = (logits == m) | jnp.isnan(logits)    # a NaN row: the first NaN, as jnp.argmax
+    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1).astype(jnp.int32)
+
+
 def sample(logits, key, s: Sampling):
     """logits [B, V] fp32 -> tokens [B] int32."""
     if s.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     logits = logits / s.temperature
     if s.top_k:
         kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
