@@ -7,6 +7,8 @@
       processes measures the peak host RSS above the process baseline (after imports) of
       `rewire_jax.load(dir, dtype="bfloat16")` and of `python -m convert dir out`, and the bytes
       per device of the loaded weights on an 8-device mesh (simulated CPU devices).
+  python -m rewire_jax.bench.memory plan tests/fixtures/*.json
+      weights per chip (bf16) of each config on a few meshes (no devices needed).
   python -m rewire_jax.bench.memory phase [--contexts 1024,2048,4096,8192] [--remat none,layer]
       the optimise phase's peak RSS above the loaded weights (one phase, batch 1, 5 steps, soft
       selection) on the benchmark's model (hidden 512, 8 layers, 32 experts, vocab 8192), each
@@ -229,6 +231,22 @@ def bench_phase(a):
     return rows
 
 
+def plan(a):
+    """Weights per chip (bf16) of the seed models on the README's meshes, from their config.json."""
+    from ..io import families
+    from ..model import sharding
+    rows = []
+    for path in a.configs:
+        cfg = families.from_hf(json.loads(Path(path).read_text()), dtype="bfloat16")
+        row = {"model": Path(path).stem, "total_GB": sharding.bytes_per_device(cfg, {}) / 1e9}
+        for spec in a.meshes.split(";"):
+            row[spec] = sharding.bytes_per_device(cfg, sharding.parse_mesh(spec)) / 1e9
+        rows.append(row)
+        print(" | ".join([row["model"], f"{row['total_GB']:.1f}"] +
+                         [f"{spec}: {row[spec]:.2f} GB" for spec in a.meshes.split(";")]), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m rewire_jax.bench.memory")
     sub = p.add_subparsers(dest="what", required=True)
@@ -239,11 +257,14 @@ def main(argv=None):
     ph.add_argument("--contexts", default="1024,2048,4096,8192")
     ph.add_argument("--remat", default="none,layer")
     ph.add_argument("--timeout", type=int, default=3600)
-    for s in (lo, ph):
+    pl = sub.add_parser("plan")
+    pl.add_argument("configs", nargs="+", help="config.json files (e.g. tests/fixtures/*.json)")
+    pl.add_argument("--meshes", default="expert=4;expert=8;fsdp=4;fsdp=8;expert=4,tensor=2")
+    for s in (lo, ph, pl):
         s.add_argument("--dir", default=None)
         s.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    res = bench_load(a) if a.what == "load" else bench_phase(a)
+    res = {"load": bench_load, "phase": bench_phase, "plan": plan}[a.what](a)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return 0

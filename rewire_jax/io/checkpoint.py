@@ -24,6 +24,8 @@ from .atomic import atomic_directory
 MARKER = "rewire_jax.json"
 #: 2: decoder layers stacked per `layer_plan` (1: one subtree per layer, before 0.2)
 FORMAT_VERSION = 2
+#: bytes orbax may hold in flight while saving (`save_converted`)
+SAVE_CONCURRENT_BYTES = 64 << 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
                    "chat_template.jinja", "added_tokens.json")
@@ -38,10 +40,14 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params, hf_dir: str | 
     import orbax.checkpoint as ocp
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        ckptr = ocp.StandardCheckpointer()
+        # at most one (largest) array in flight from device to host at a time, so that saving costs
+        # the largest array's shard on top of the params, not a second copy of them all
+        limit = SAVE_CONCURRENT_BYTES + max([0] + [_local_bytes(a) for a in jax.tree.leaves(params)])
+        impl = ocp.BasePyTreeCheckpointHandler(save_concurrent_bytes=limit, save_device_host_concurrent_bytes=limit)
+        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(handler_impl=impl))
         # jax.Arrays (possibly sharded over a mesh / hosts) are written shard by shard as they are
-        ckptr.save(tmp / "params", jax.tree.map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), params))
-        ckptr.wait_until_finished()
+        tree = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), params)
+        ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree))
         if hf_dir is not None:
             for name in ("config.json", *TOKENIZER_FILES):
                 if (Path(hf_dir) / name).exists():
@@ -50,6 +56,13 @@ def save_converted(out_dir: str | Path, cfg: ModelConfig, params, hf_dir: str | 
                 "source": str(hf_dir) if hf_dir is not None else None}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))  # last: marks the directory complete
     return Path(out_dir).absolute()
+
+
+def _local_bytes(a) -> int:
+    """Bytes of the largest shard of `a` this process holds."""
+    if isinstance(a, jax.Array):
+        return max(s.data.nbytes for s in a.addressable_shards)
+    return int(np.asarray(a).nbytes)
 
 
 def read_config(path: str | Path) -> ModelConfig:

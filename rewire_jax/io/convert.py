@@ -33,10 +33,14 @@ def to_converted(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16
         raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass --overwrite")
     cfg = families.from_hf(families.load_hf_config(hf_dir), dtype=str(jnp.dtype(dtype)))
     lazy = hf.lazy_params(cfg, TensorSource.from_dir(hf_dir))
-    shardings = None
+    import jax
+    from ..model import sharding
+    from ..model.weights import param_shapes
     if mesh is not None:
-        from ..model import sharding
         shardings = sharding.param_shardings(cfg, sharding.mesh_from_spec(mesh))
+    else:   # jax.Arrays on the (CPU) device: orbax writes them without a second host copy
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        shardings = jax.tree.map(lambda _: dev, param_shapes(cfg))
     params = hf.materialise(lazy, cfg, progress=progress, desc="converting", shardings=shardings)
     return checkpoint.save_converted(out_dir, cfg, params, hf_dir, overwrite=overwrite)
 

@@ -158,6 +158,27 @@ def shard_params(params, cfg, mesh: Mesh, rules=None):
     return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
 
 
+class MeshShape:
+    """Just the axis sizes of a mesh (no devices): enough for `spec_for`, e.g. to plan a slice."""
+
+    def __init__(self, **sizes):
+        self.shape = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+
+
+def bytes_per_device(cfg, sizes: Mapping[str, int], rules=None) -> int:
+    """Bytes of the weights one device holds on a mesh of these axis sizes (cfg's dtype)."""
+    from .weights import declarations, map_weights
+    mesh, rules = MeshShape(**sizes), merged_rules(rules)
+
+    def one(w):
+        spec = spec_for(w.shape, w.axes, mesh, rules)
+        n = math.prod(w.shape)
+        for part in spec:
+            n //= math.prod(mesh.shape[a] for a in _as_tuple(part))
+        return n * np.dtype(w.dtype(cfg)).itemsize
+    return int(sum(jax.tree.leaves(map_weights(one, declarations(cfg)))))
+
+
 def describe(mesh: Optional[Mesh]) -> str:
     if mesh is None:
         return "single device"
