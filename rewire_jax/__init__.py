@@ -8,7 +8,7 @@ import sys as _sys
 
 from . import rewire
 from .api import Model, load
-from .generation import GenerationResult, PhaseRecord, Sampling, generate
+from .generation import GenerationResult, PhaseRecord, QueueResult, Sampling, generate, generate_queue
 from .model import ModelConfig, forward, init_params, zero_deltas
 from .rewire import PhaseOutput, RewireOptions, Rewirer, rewirer
 
@@ -29,6 +29,6 @@ for _old, _new in {"decode": _decode, "checkpoint": _checkpoint, "export": _expo
     globals().setdefault(_old, _new)
 
 __all__ = ["GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord", "RewireOptions",
-           "Rewirer", "Sampling", "forward", "generate", "init_params", "load", "rewire", "rewirer",
+           "QueueResult", "Rewirer", "Sampling", "forward", "generate", "generate_queue", "init_params", "load", "rewire", "rewirer",
            "zero_deltas"]
 __version__ = "0.2.0"

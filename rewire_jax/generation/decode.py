@@ -46,13 +46,16 @@ def prefill(params, tokens, lengths, deltas, cfg: ModelConfig, cache_len: int, r
     return last, cache, sequence_losses(logits, tokens, lengths, reduction)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_steps", "window", "dispatch"),
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_steps", "window", "dispatch", "stop_on_any"),
                    donate_argnames=("state", "cache"))
 def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: ModelConfig,
-           sampling: Sampling, max_steps: int, window: Optional[int] = None, dispatch: Optional[str] = None):
+           sampling: Sampling, max_steps: int, window: Optional[int] = None, dispatch: Optional[str] = None,
+           stop_on_any: bool = False):
     """Generate up to `max_steps` tokens per sequence (fewer once every sequence is done).
 
-    eos_ids [n_eos] int32 (may be empty); max_new [] int32: per-sequence total budget.
+    eos_ids [n_eos] int32 (may be empty); max_new [] or [B] int32: per-sequence total budget.
+    stop_on_any: return as soon as any sequence that was live on entry is done (the queue refills
+    or re-optimises that row while the others wait only for that).
     window: attend over the first `window` cache rows only (static; the caller guarantees that
     every position written in this call is < window): attention and KV traffic scale with the
     context reached, not the cache size. None: the whole cache.
@@ -67,9 +70,14 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
     # not one per token)
     params, cache = split_layers(params, cfg), split_cache(cache, cfg)
 
+    done0 = state.done
+
     def cond(carry):
         step, st, _ = carry
-        return (step < max_steps) & ~jnp.all(st.done)
+        go = (step < max_steps) & ~jnp.all(st.done)
+        if stop_on_any:
+            go &= ~jnp.any(st.done & ~done0)
+        return go
 
     def body(carry):
         step, st, cache = carry
@@ -88,8 +96,9 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
         positions = pos[:, None]
         x, cache, _ = run_layers(params, embed(params, tok[:, None], cfg), positions, deltas, cfg, cache=cache,
                                  dispatch=dispatch)
-        logits = head(params, x, cfg)
-        return step + 1, DecodeState(buf, lengths, logits[:, 0], done, num_new, key), cache
+        # rows that were done keep their logits (a row the queue resumes needs its own, not the dummy's)
+        logits = jnp.where(live[:, None], head(params, x, cfg)[:, 0], st.logits)
+        return step + 1, DecodeState(buf, lengths, logits, done, num_new, key), cache
 
     _, state, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), state, cache))
     cache = join_cache(cache)
