@@ -1,13 +1,16 @@
-"""The generation backend: requests -> completions. One function, swappable (a refilling batch
-queue can replace `generate_backend` without touching the runner).
+"""The generation backend: requests -> completions. One function, swappable.
 
     backend = generate_backend(model)
     outs = backend(requests, rewire=RewireOptions() | None, sampling=Sampling(...), seed=123)
 
-Each Request is one row (a prompt as token ids, its own token budget and stop strings). All rows
-go to ONE `rewire_jax.generate` call (lock-step batch, each row its own deltas) whose
-max_new_tokens is the largest budget; each row is then cut at its own budget and at its first stop
-string (tokens generated past it are discarded from the completion, but counted in the cost).
+Each Request is one row (a prompt as token ids, its own token budget and stop strings). The rows
+go through `rewire_jax.generate_queue` (each row its own deltas, phase schedule and budget): a row
+ends at EOS, at its own max_new_tokens, or at the token completing one of its stop strings, and
+its place in the batch goes to the next request, so no row decodes past its end while the longest
+one finishes. `batch_size` (default: all the requests of the call) is the number of rows decoded
+together. The completion text is then cut at the first stop string (`truncate_at_stop`).
+`generate_backend(model, lockstep=True)` is the previous backend: one lock-step `generate` batch
+whose budget is the largest, each row cut at its own budget and first stop string afterwards.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import dataclasses
 import time
 from typing import Callable, Optional, Sequence
 
-from rewire_jax import RewireOptions, Sampling, generate
+from rewire_jax import RewireOptions, Sampling, generate, generate_queue
 from rewire_jax.bench import perf
 
 from .extract import truncate_at_stop
@@ -81,24 +84,35 @@ def _completion_text(tok, prompt_ids, new_ids) -> str:
     return full[len(head):] if full.startswith(head) else tok.decode(list(new_ids), skip_special_tokens=True)
 
 
-def generate_backend(model) -> Backend:
-    """The backend over `rewire_jax.generate` (one lock-step batch per call)."""
+def generate_backend(model, batch_size: Optional[int] = None, lockstep: bool = False) -> Backend:
+    """The backend over `rewire_jax.generate_queue` (or one lock-step `generate` batch per call)."""
 
     def run(requests: Sequence[Request], rewire: Optional[RewireOptions], sampling: Sampling,
             seed: int) -> list[Completion]:
         t0 = time.perf_counter()
-        res = generate(model, [list(r.ids) for r in requests], max(r.max_new_tokens for r in requests),
-                       rewire=rewire, sampling=sampling, seed=seed)
+        prompts = [list(r.ids) for r in requests]
+        if lockstep:
+            res = generate(model, prompts, max(r.max_new_tokens for r in requests), rewire=rewire,
+                           sampling=sampling, seed=seed)
+            tokens = res.tokens
+            phases_of = lambda b: [{"context_len": int(p.context_len[b]), "loss_before": float(p.loss_before[b]),
+                                    "loss_after": float(p.loss_after[b])} for p in res.phases if p.context_len[b] > 0]
+        else:
+            res = generate_queue(model, prompts, [r.max_new_tokens for r in requests],
+                                 batch_size=batch_size or len(requests), rewire=rewire, sampling=sampling,
+                                 seed=seed, stops=[list(r.stops) for r in requests])
+            tokens = res.tokens
+            phases_of = lambda b: [{k: p[k] for k in ("context_len", "loss_before", "loss_after")}
+                                   for p in res.phases[b]]
         secs = (time.perf_counter() - t0) / len(requests)
         out = []
         for b, r in enumerate(requests):
-            new = res.tokens[b][:r.max_new_tokens]
+            new = tokens[b][:r.max_new_tokens]
             text, stopped = truncate_at_stop(_completion_text(model.tokenizer, r.ids, new), r.stops)
-            phases = [{"context_len": int(p.context_len[b]), "loss_before": float(p.loss_before[b]),
-                       "loss_after": float(p.loss_after[b])} for p in res.phases if p.context_len[b] > 0]
-            flops = estimate_flops(model.config, len(r.ids), len(res.tokens[b]), [p["context_len"] for p in phases],
+            phases = phases_of(b)
+            flops = estimate_flops(model.config, len(r.ids), len(tokens[b]), [p["context_len"] for p in phases],
                                    rewire.steps if rewire else 0)
-            out.append(Completion(text, stopped, len(res.tokens[b]), phases, secs, flops))
+            out.append(Completion(text, stopped, len(tokens[b]), phases, secs, flops))
         return out
 
     return run

@@ -137,7 +137,9 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
             record = None
             if need_phase:
                 t0 = time.perf_counter()
-                cycle, out = run_phase(params, cycle, ctx, state.lengths, cfg, opts, ~done, dispatch)
+                # rows grouped by context bucket: a short context does not pay for the longest
+                from .queue import phase_grouped
+                cycle, out = phase_grouped(params, cycle, state.buf, cur, ~done, cache_len, cfg, opts, dispatch)
                 t1 = time.perf_counter()
                 timing["optimise"] += t1 - t0
                 record = PhaseRecord(len(phases), np.where(done, 0, cur), np.asarray(out.loss), None,

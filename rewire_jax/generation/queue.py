@@ -60,7 +60,74 @@ class QueueResult:
 
 
 def _pow2(n: int, cap: int) -> int:
-    return min(cap, 1 << max(0, (n - 1).bit_length()))
+    """Sub-batch rows for n rows: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (two sizes per power
+    of two: at most a third of a sub-batch is padding, and O(log B) sizes compile), capped at cap."""
+    m = 1
+    while m < n:
+        m = m + 1 if m < 2 else (m * 3 // 2 if m & (m - 1) == 0 else m * 4 // 3)
+    return min(cap, m)
+
+
+#: a sub-batch's fixed cost in row-tokens (one more call: dispatch, host sync, the first step's
+#: launch); measured order of magnitude on CPU, only used to decide whether to merge groups
+CALL_COST_TOKENS = 256
+
+
+def plan_groups(rows_buckets, cap: int):
+    """Rows at context buckets -> groups [(bucket, rows)], each run as one sub-batch at its bucket.
+
+    Rows are sorted by bucket and cut into contiguous runs, each padded to `_pow2` rows and run at
+    its largest bucket; the cut minimises sum(padded rows x bucket) + CALL_COST_TOKENS per group (a
+    small dynamic programme), so a short context does not pay for a long one unless a separate call
+    costs more than the padding it saves."""
+    items = sorted(rows_buckets, key=lambda rb: (rb[1], rb[0]))
+    n = len(items)
+    if n == 0:
+        return []
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + _pow2(j - i, cap) * items[j - 1][1] + CALL_COST_TOKENS
+            if j - i > cap:
+                continue
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        i = cut[j]
+        groups.append((items[j - 1][1], [r for r, _ in items[i:j]]))
+        j = i
+    return groups[::-1]
+
+
+def phase_grouped(params, cycle: CycleState, buf, lengths, active, cap: int, cfg, opts: RewireOptions,
+                  dispatch=None):
+    """One optimisation phase of a lock-step batch with its rows grouped by context bucket
+    (`plan_groups`): each group runs `run_phase` on its own sub-batch at its own bucket.
+    buf [B, S] (device or host), lengths [B] and active [B] (host). -> (CycleState, PhaseOutput)."""
+    from ..rewire.options import PhaseOutput
+    B = len(lengths)
+    rows = [(int(r), bucket_length(int(lengths[r]), cap=cap)) for r in np.flatnonzero(active)]
+    groups = plan_groups(rows, B)
+    if len(groups) <= 1:
+        Tb = bucket_length(int(np.max(lengths)), cap=cap)
+        return run_phase(params, cycle, buf[:, :Tb], jnp.asarray(lengths), cfg, opts, jnp.asarray(active), dispatch)
+    d_all, opt_all = cycle.deltas, cycle.opt_state
+    loss, scores, weights = np.zeros(B, np.float32), np.zeros((B, cfg.num_moe_layers), np.float32), \
+        np.zeros((B, cfg.num_moe_layers), np.float32)
+    buf = jnp.asarray(buf)
+    for Tb, g in groups:
+        m = _pow2(len(g), B)
+        gather_idx, put_idx = _padded_rows(g, B, m)
+        gi, pi = jnp.asarray(gather_idx), jnp.asarray(put_idx)
+        sub = CycleState(_take(d_all, gi), _take(opt_all, gi), cycle.phase_index)
+        sub, out = run_phase(params, sub, _take(buf, gi)[:, :Tb], jnp.asarray(np.asarray(lengths)[gather_idx]), cfg,
+                             opts, jnp.asarray(np.arange(m) < len(g)), dispatch)
+        d_all, opt_all = _put(d_all, sub.deltas, pi), _put(opt_all, sub.opt_state, pi)
+        loss[g], scores[g], weights[g] = (np.asarray(a)[:len(g)] for a in (out.loss, out.scores, out.weights))
+    state = CycleState(d_all, opt_all, cycle.phase_index + 1)
+    return state, PhaseOutput(d_all, opt_all, loss, scores, weights)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
@@ -183,13 +250,14 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
 
     def run_pending():
         nonlocal d_all, opt_all, logits, cache
-        groups: dict = {}
+        classes: dict = {}
         for r in sorted(pending):
             wants = opts is not None and opts.wants_phase(int(row_phases[r]))
-            Tb = bucket_length(int(lengths[r]), cap=S)
-            k = (Tb, wants, int(row_phases[r]) if (wants and opts.selection == "random") else 0)
-            groups.setdefault(k, []).append(r)
-        for (Tb, wants, pidx), rows in sorted(groups.items()):
+            k = (wants, int(row_phases[r]) if (wants and opts.selection == "random") else 0)
+            classes.setdefault(k, []).append((r, bucket_length(int(lengths[r]), cap=S)))
+        groups = [(Tb, wants, pidx, rows) for (wants, pidx), rb in sorted(classes.items())
+                  for Tb, rows in plan_groups(rb, B)]
+        for Tb, wants, pidx, rows in groups:
             m = _pow2(len(rows), B)
             gather_idx, put_idx = _padded_rows(rows, B, m)
             gi, pi = jnp.asarray(gather_idx), jnp.asarray(put_idx)

@@ -1,0 +1,270 @@
+"""The batch table: throughput of batched generation, and the queue against lock-step batches.
+
+    python -m rewire_jax.bench.batch                       # demo model + OLMoE-shaped model
+    python -m rewire_jax.bench --batch-table               # the same, after the main benchmark
+    python -m rewire_jax.bench.batch --models demo --batches 1 4 16 --queue-prompts 64
+
+Per model and batch size B (B distinct prompts of 64-184 tokens, `--new-tokens` each, warm: every
+row is timed on its second run, compile time apart): rewire_jax baseline and rewired (paper
+defaults) `generate`, total new tokens per second and the optimise / prefill / decode split; HF
+`generate` on the same prompts (left-padded batch; `--skip-hf` skips it); the distinct experts hit
+per MoE layer per decode step (mean over steps and layers) next to the timings.
+
+Routing like real text: the demo model continues real code (held-out stdlib modules) greedily,
+so its decode routes as on text; a random-weight model's greedy continuation collapses into a
+repeated token (decode would keep hitting the same few experts, flattering a memory-bound step),
+so the OLMoE-shaped model samples at temperature 1 (seeded; HF generate samples too: same count of
+tokens, not the same tokens) and the distinct-experts column shows what decode touched.
+
+Queue: `--queue-prompts` prompts of mixed lengths (64-184) and mixed max lengths (16 to
+`--new-tokens`), through `generate_queue` with `--queue-batch` rows, against lock-step `generate`
+batches of the same size (each batch runs to its longest budget, rows cut at their own): useful
+tokens per second of both and the fraction of row-steps lock-step leaves idle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _load(name: str, seed: int = 0):
+    import rewire_jax
+    if name == "demo":
+        from rewire_jax.cli import DEMO_MODEL
+        return rewire_jax.load(DEMO_MODEL), str(DEMO_MODEL)
+    from .run import Shape, build_hf
+    hf = build_hf(Shape(), seed)
+    d = tempfile.mkdtemp(prefix="rewire_batch_")
+    hf.save_pretrained(d)
+    return rewire_jax.load(d), d
+
+
+def _prompts(model, name: str, n: int, seed: int = 0, lo: int = 64, hi: int = 184) -> list[list[int]]:
+    """n distinct prompts of lo..hi tokens: held-out stdlib code for the demo model, random ids else."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(lo, hi + 1, n)
+    if name == "demo":
+        from rewire_jax.demo import corpus
+        ids = []
+        for f in corpus.heldout_files():
+            ids += model.encode(corpus.read_text(f))
+        ids = np.asarray(ids)
+        starts = rng.choice(len(ids) - hi, n, replace=False)
+        return [ids[s:s + L].tolist() for s, L in zip(starts, lens)]
+    return [rng.integers(3, model.config.vocab_size, L).tolist() for L in lens]
+
+
+def distinct_experts(model, prompts, tokens) -> float:
+    """Mean over decode steps and MoE layers of the number of distinct experts the batch's rows hit
+    at that step (teacher-forced forward of prompt + generated tokens; step s feeds token s)."""
+    import jax.numpy as jnp
+    import rewire_jax
+    B = len(prompts)
+    seqs = [list(p) + list(t) for p, t in zip(prompts, tokens)]
+    T = max(len(s) for s in seqs)
+    buf = np.zeros((B, T), np.int32)
+    for b, s in enumerate(seqs):
+        buf[b, :len(s)] = s
+    idx = []
+    for b in range(B):   # one row at a time: no padding effects, small memory
+        _, aux = rewire_jax.forward(model.params, jnp.asarray(buf[b:b + 1, :len(seqs[b])]),
+                                    jnp.zeros((1, *model.config.delta_shape)), model.config)
+        idx.append(np.asarray(aux["idx"][0]))      # [L_moe, T_b, k]
+    steps = min(len(t) for t in tokens) - 1
+    counts = []
+    for s in range(steps):
+        for l in range(model.config.num_moe_layers):
+            counts.append(len({int(e) for b in range(B) for e in idx[b][l, len(prompts[b]) + s]}))
+    return float(np.mean(counts)) if counts else float("nan")
+
+
+def hf_batch(path: str, prompts, n: int, sample: bool, seed: int = 0) -> float:
+    """HF generate on the batch (left padding), n new tokens per row -> seconds (warm: second run)."""
+    import torch
+    import transformers
+    torch.set_flush_denormal(True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=sample, eos_token_id=None, pad_token_id=0)
+    if sample:
+        kw.update(temperature=1.0, top_k=0, top_p=1.0)
+    best = None
+    with torch.no_grad():
+        for _ in range(2):
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, **kw)
+            dt = time.perf_counter() - t0
+            best = dt if best is None else min(best, dt)
+    return best
+
+
+def model_rows(name: str, batches, n: int, skip_hf: bool, rewired_max: int, seed: int = 0) -> list[dict]:
+    import rewire_jax
+    from rewire_jax import RewireOptions, Sampling
+    model, path = _load(name, seed)
+    sample = name != "demo"
+    sampling = Sampling(1.0) if sample else Sampling()
+    prompts_all = _prompts(model, name, max(batches), seed + 1)
+    rows = []
+    for B in batches:
+        prompts = prompts_all[:B]
+        row: dict = {"model": name, "batch": B, "new_tokens": n}
+        for label, opts in (("baseline", None), ("rewired", RewireOptions())):
+            if opts is not None and B > rewired_max:
+                continue
+            run = lambda: rewire_jax.generate(model, prompts, n, rewire=opts, sampling=sampling, seed=seed,
+                                              eos_token_id=None)
+            t0 = time.perf_counter()
+            run()
+            cold = time.perf_counter() - t0
+            r = run()
+            t = r.timing
+            row[label] = {"tok_s": B * n / t["total"], "seconds": t["total"], "optimise": t["optimise"],
+                          "prefill": t["prefill"], "decode": t["decode"], "decode_tok_s": B * n / t["decode"],
+                          "compile": cold - t["total"]}
+            if opts is None:
+                row["distinct_experts"] = distinct_experts(model, prompts, r.tokens)
+                row["top_k"] = model.config.num_experts_per_tok
+                row["experts"] = model.config.num_experts
+            print(f"  {name} B={B} {label}: {row[label]['tok_s']:.0f} tok/s ({t['total']:.2f} s: optimise "
+                  f"{t['optimise']:.2f} prefill {t['prefill']:.2f} decode {t['decode']:.2f})", flush=True)
+        if not skip_hf:
+            s = hf_batch(path, prompts, n, sample, seed)
+            row["hf"] = {"tok_s": B * n / s, "seconds": s}
+            print(f"  {name} B={B} HF generate: {B * n / s:.0f} tok/s ({s:.2f} s)", flush=True)
+        rows.append(row)
+    return rows
+
+
+def queue_rows(name: str, n_prompts: int, batch: int, max_new: int, rewired: bool, seed: int = 0) -> dict:
+    """generate_queue vs lock-step generate batches on n_prompts mixed prompts / budgets."""
+    import rewire_jax
+    from rewire_jax import RewireOptions
+    model, _ = _load(name, seed)
+    rng = np.random.default_rng(seed + 7)
+    prompts = _prompts(model, name, n_prompts, seed + 3)
+    budgets = rng.integers(16, max_new + 1, n_prompts).tolist()
+    opts = RewireOptions() if rewired else None
+    useful = int(sum(budgets))
+    out = {"model": name, "prompts": n_prompts, "batch": batch, "rewired": rewired, "useful_tokens": useful}
+
+    def lockstep():
+        t0 = time.perf_counter()
+        for i in range(0, n_prompts, batch):
+            rewire_jax.generate(model, prompts[i:i + batch], max(budgets[i:i + batch]), rewire=opts,
+                                eos_token_id=None)
+        return time.perf_counter() - t0
+
+    def queue():
+        t0 = time.perf_counter()
+        q = rewire_jax.generate_queue(model, prompts, budgets, batch_size=batch, rewire=opts, eos_token_id=None)
+        return time.perf_counter() - t0, q
+
+    # warm-up on a slice (compiles the buckets of both), then the timed full runs
+    k = min(n_prompts, 4 * batch)
+    for i in range(0, k, batch):
+        rewire_jax.generate(model, prompts[i:i + batch], max(budgets[i:i + batch]), rewire=opts, eos_token_id=None)
+    rewire_jax.generate_queue(model, prompts[:k], budgets[:k], batch_size=batch, rewire=opts, eos_token_id=None)
+    t_lock = lockstep()
+    t_queue, q = queue()
+    slots = sum(batch * max(budgets[i:i + batch]) for i in range(0, n_prompts, batch))
+    out.update(lockstep_seconds=t_lock, queue_seconds=t_queue, lockstep_tok_s=useful / t_lock,
+               queue_tok_s=useful / t_queue, lockstep_idle_fraction=1 - useful / slots,
+               queue_idle_fraction=q.stats["idle_fraction"], queue_stats=q.stats,
+               speedup=t_lock / t_queue, predicted_speedup=1 / (1 - (1 - useful / slots)))
+    print(f"  queue {name} ({'rewired' if rewired else 'baseline'}, {n_prompts} prompts, batch {batch}): "
+          f"lock-step {t_lock:.2f} s ({useful / t_lock:.0f} useful tok/s, idle {100 * (1 - useful / slots):.0f}% of "
+          f"row-steps), queue {t_queue:.2f} s ({useful / t_queue:.0f} tok/s, idle "
+          f"{100 * q.stats['idle_fraction']:.0f}%) = {t_lock / t_queue:.2f}x", flush=True)
+    return out
+
+
+def report(result: dict) -> None:
+    print()
+    print("| model | batch | baseline tok/s | decode tok/s | rewired tok/s | rewired: optimise / prefill / decode s "
+          "| HF generate tok/s | baseline / HF | distinct experts per layer per step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        b, w, h = r.get("baseline"), r.get("rewired"), r.get("hf")
+        print(f"| {r['model']} | {r['batch']} | {b['tok_s']:.0f} | {b['decode_tok_s']:.0f} | "
+              + (f"{w['tok_s']:.0f} | {w['optimise']:.2f} / {w['prefill']:.2f} / {w['decode']:.2f}" if w else " | ")
+              + (f" | {h['tok_s']:.0f} | {b['tok_s'] / h['tok_s']:.2f}x" if h else " |  | ")
+              + f" | {r['distinct_experts']:.1f} of {r['experts']} (top-{r['top_k']}) |")
+    by = {(r["model"], r["batch"]): r for r in result["rows"]}
+    print()
+    for m in sorted({r["model"] for r in result["rows"]}):
+        one = by.get((m, 1))
+        for B in sorted(b for (mm, b) in by if mm == m and b > 1):
+            r = by[(m, B)]
+            if not one:
+                continue
+            line = (f"{m}: batch {B} vs 1: baseline {r['baseline']['tok_s'] / one['baseline']['tok_s']:.2f}x, "
+                    f"baseline decode {r['baseline']['decode_tok_s'] / one['baseline']['decode_tok_s']:.2f}x")
+            if r.get("rewired") and one.get("rewired"):
+                line += f", rewired {r['rewired']['tok_s'] / one['rewired']['tok_s']:.2f}x"
+            print(line)
+    for q in result.get("queue", []):
+        print(f"queue ({q['model']}, {'rewired' if q['rewired'] else 'baseline'}, {q['prompts']} prompts, batch "
+              f"{q['batch']}): {q['queue_tok_s']:.0f} vs lock-step {q['lockstep_tok_s']:.0f} useful tok/s = "
+              f"{q['speedup']:.2f}x; lock-step leaves {100 * q['lockstep_idle_fraction']:.0f}% of row-steps idle "
+              f"(1/(1-idle) = {q['predicted_speedup']:.2f}x), the queue {100 * q['queue_idle_fraction']:.0f}%")
+    print(f"load average: start {result.get('loadavg_start')}, end {result.get('loadavg_end')}")
+
+
+def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}models", nargs="+", default=["demo", "olmoe"])
+    p.add_argument(f"--{prefix}batches", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument(f"--{prefix}new-tokens", type=int, default=256, help="demo model (OLMoE-shaped: --olmoe-new-tokens)")
+    p.add_argument(f"--{prefix}olmoe-new-tokens", type=int, default=64)
+    p.add_argument(f"--{prefix}rewired-max-batch", type=int, default=64, help="rewired rows up to this batch")
+    p.add_argument(f"--{prefix}olmoe-rewired-max-batch", type=int, default=16)
+    p.add_argument(f"--{prefix}queue-prompts", type=int, default=256)
+    p.add_argument(f"--{prefix}queue-batch", type=int, default=16)
+    p.add_argument(f"--{prefix}queue-rewired", action="store_true", help="also a rewired queue run")
+    p.add_argument(f"--{prefix}skip-hf", action="store_true")
+
+
+def run(a, json_path=None) -> dict:
+    result: dict = {"rows": [], "queue": [], "args": vars(a)}
+    if hasattr(os, "getloadavg"):
+        result["loadavg_start"] = os.getloadavg()
+    for m in a.models:
+        n = a.new_tokens if m == "demo" else a.olmoe_new_tokens
+        rmax = a.rewired_max_batch if m == "demo" else a.olmoe_rewired_max_batch
+        result["rows"] += model_rows(m, a.batches, n, a.skip_hf, rmax)
+        if json_path:
+            Path(json_path).write_text(json.dumps(result, indent=1, default=str))
+    if a.queue_prompts:
+        for rewired in ([False, True] if a.queue_rewired else [False]):
+            result["queue"].append(queue_rows("demo", a.queue_prompts, a.queue_batch, a.new_tokens, rewired))
+    if hasattr(os, "getloadavg"):
+        result["loadavg_end"] = os.getloadavg()
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1, default=str))
+    report(result)
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m rewire_jax.bench.batch", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return run(a, a.json)
+
+
+if __name__ == "__main__":
+    main()
