@@ -169,8 +169,19 @@ def generate_main(a) -> int:
 
 
 def main(argv=None) -> int:
-    # transformers' "PyTorch was not found" notice: this CLI uses only its tokenizers (no torch needed)
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers' "PyTorch was not found" notice: this CLI uses only its tokenizers (no torch needed);
+    # set for this call only (main() also runs in-process, e.g. in tests)
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in os.environ
+    if quiet:
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+        return _main(argv)
+    finally:
+        if quiet:
+            os.environ.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+
+
+def _main(argv) -> int:
     a = _parser().parse_args(argv)
     try:
         if a.command == "generate":

@@ -61,10 +61,12 @@ def test_cli_prints_no_pytorch_notice_without_torch(hf_dirs, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(
         "import importlib.util\n_f = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda n, p=None: None if n.split('.')[0] == 'torch' else _f(n, p)\n")
+    base = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TRANSFORMERS_VERBOSITY": "warning"}
     probe = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.is_torch_available())"],
-                           capture_output=True, text=True, env={**os.environ, **env})
+                           capture_output=True, text=True, env={**base, **env})
     assert probe.stdout.strip() == "False" and "PyTorch was not found" in probe.stderr   # the notice is real
-    r = _cli("generate", "--prompt", "def f(x):", "--max-new-tokens", "4", "--quiet", env=env)
+    r = subprocess.run([sys.executable, "-m", "rewire_jax.cli", "generate", "--prompt", "def f(x):", "--max-new-tokens",
+                        "4", "--quiet"], capture_output=True, text=True, env={**base, **env})
     assert r.returncode == 0, r.stderr
     assert "PyTorch was not found" not in r.stderr + r.stdout
