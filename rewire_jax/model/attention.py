@@ -71,7 +71,8 @@ def gqa(p, x, positions, cfg: ModelConfig, window: Optional[int], cache=None, kv
         k, v = full["k"], full["v"]
     mask = _mask(positions, None if cache is None else k.shape[1], kv_valid, window)
     with jax.named_scope("core"):
-        out = L.attend(q, k, v, mask, c.head_dim ** -0.5, p.get("sinks"), causal=cache is None, window=window)
+        out = L.attend(q, k, v, mask, c.head_dim ** -0.5, p.get("sinks"), causal=cache is None, window=window,
+                       lean=cfg.remat == "layer")
     return linear(out.reshape(B, T, -1), p["o_proj"], p.get("o_bias")), rows
 
 
@@ -125,7 +126,7 @@ def mla(p, x, positions, cfg: ModelConfig, window: Optional[int], cache=None, kv
         q = jnp.concatenate([q_nope, q_pe], -1)
         mask = L.attention_mask(positions, positions, kv_valid, window)
         with jax.named_scope("core"):
-            out = L.attend(q, k, kv[..., Dn:], mask, scale, causal=True, window=window)
+            out = L.attend(q, k, kv[..., Dn:], mask, scale, causal=True, window=window, lean=cfg.remat == "layer")
         return linear(out.reshape(B, T, -1), p["o_proj"], p.get("o_bias")), rows
     full = _with_rows(cache, rows, positions)
     w = p["kv_b_proj"].reshape(m.kv_lora_rank, H, Dn + m.v_head_dim)

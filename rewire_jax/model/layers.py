@@ -125,7 +125,8 @@ ATTN_BLOCK = 128
 ATTN_MAX_BLOCKS = 8
 
 
-def attend(q, k, v, mask, scale: float, sinks=None, causal: bool = False, window: Optional[int] = None):
+def attend(q, k, v, mask, scale: float, sinks=None, causal: bool = False, window: Optional[int] = None,
+           lean: bool = False):
     """Grouped-query attention.
 
     q [B, T, H, D]; k [B, S, K, D]; v [B, S, K, Dv]; mask [B, T, S] bool; sinks [H] or None
@@ -136,6 +137,10 @@ def attend(q, k, v, mask, scale: float, sinks=None, causal: bool = False, window
     i - j >= window). The queries then run in blocks, each against only the keys it can see: the
     masked upper triangle (and the keys left of a sliding window) are skipped, not computed and
     masked. Same result; about half the work at long context.
+
+    lean=True (under per-layer rematerialisation): the backward recomputes the attention
+    probabilities from q, k instead of keeping them from the forward (memory linear in the context
+    per block instead of [T, S] per head kept for the whole layer; same values).
     """
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -147,14 +152,17 @@ def attend(q, k, v, mask, scale: float, sinks=None, causal: bool = False, window
     bias = jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)          # [B, T, S]
     sink = None if sinks is None else sinks.astype(jnp.float32).reshape(K, G)
     n_blocks = min(ATTN_MAX_BLOCKS, T // ATTN_BLOCK) if causal and T == S else 1
-    if n_blocks <= 1:
-        out = _attention_core(qt, kt, vt, bias, sink, scale)
+    core = _attention_core_lean if lean else _attention_core
+    if lean and T > ATTN_LEAN_BLOCK:
+        out = _attend_sequential(qt, kt, vt, mask, sink, scale)
+    elif n_blocks <= 1:
+        out = core(qt, kt, vt, bias, sink, scale)
     else:
         edges = [0] + [-(-T * i // n_blocks // 16) * 16 for i in range(1, n_blocks)] + [T]
         outs = []
         for lo, hi in zip(edges[:-1], edges[1:]):
             k_lo = 0 if window is None else max(0, (lo - window + 1) // 16 * 16)
-            outs.append(_attention_core(qt[:, :, :, lo:hi], kt[:, :, k_lo:hi], vt[:, :, k_lo:hi],
+            outs.append(core(qt[:, :, :, lo:hi], kt[:, :, k_lo:hi], vt[:, :, k_lo:hi],
                                         bias[:, lo:hi, k_lo:hi], sink, scale))
         out = jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, v.shape[-1])
@@ -186,6 +194,32 @@ def _decode_attend(q, k, v, mask, scale):
     o = jnp.einsum("bhs,bsc->bhc", p.astype(v.dtype), v.reshape(B, S, K * Dv)).reshape(B, K, G, K, Dv)
     o = jnp.einsum("bkgcd,kc->bkgd", o, eye.astype(o.dtype))
     return o.reshape(B, 1, H, Dv)
+
+
+#: Query rows per step of the sequential (lean) attention loop.
+ATTN_LEAN_BLOCK = 256
+
+
+def _attend_sequential(qt, kt, vt, mask, sink, scale):
+    """Query blocks of ATTN_LEAN_BLOCK rows in a loop (lax.map), each against all keys with its
+    slice of the boolean mask: at most one block's [rows, S] scores live at a time, forward and
+    backward (the lean VJP recomputes them), so memory is linear in the context. Masked keys are
+    computed (no causal skip): ~2x the attention FLOPs of the blocked path, for long contexts."""
+    B, K, G, T, D = qt.shape
+    S = kt.shape[2]
+    blk = ATTN_LEAN_BLOCK
+    nb = -(-T // blk)
+    pad = nb * blk - T
+    qp = jnp.pad(qt, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+    mp = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+    qb = qp.reshape(B, K, G, nb, blk, D).transpose(3, 0, 1, 2, 4, 5)        # [nb, B, K, G, blk, D]
+    mb = mp.reshape(B, nb, blk, S).transpose(1, 0, 2, 3)                    # [nb, B, blk, S]
+
+    def one(args):
+        q, m = args
+        return _attention_core_lean(q, kt, vt, jnp.where(m, 0.0, NEG_INF).astype(jnp.float32), sink, scale)
+    out = jax.lax.map(one, (qb, mb))                                        # [nb, B, K, G, blk, Dv]
+    return out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, nb * blk, -1)[:, :, :, :T]
 
 
 def _softmax_parts(q, k, bias, sink, scale):
@@ -234,6 +268,26 @@ def _attention_core_bwd(scale, res, do):
 
 
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_core_lean(q, k, v, bias, sink, scale):
+    """_attention_core whose backward recomputes the probabilities (keeps q, k, v, o, not p)."""
+    return _attention_core(q, k, v, bias, sink, scale)
+
+
+def _attention_core_lean_fwd(q, k, v, bias, sink, scale):
+    o = _attention_core(q, k, v, bias, sink, scale)
+    return o, (q, k, v, bias, sink, o)
+
+
+def _attention_core_lean_bwd(scale, res, do):
+    q, k, v, bias, sink, o = res
+    p, p_sink = _softmax_parts(q, k, bias, sink, scale)
+    return _attention_core_bwd(scale, (q, k, v, p, p_sink, o), do)
+
+
+_attention_core_lean.defvjp(_attention_core_lean_fwd, _attention_core_lean_bwd)
 
 
 def write_cache(cache, new, start):

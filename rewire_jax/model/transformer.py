@@ -82,12 +82,37 @@ def use_remat(cfg: ModelConfig, n_tokens: int) -> bool:
 
 
 def _remat_layer(p, x, positions, delta, kv_valid, expert_layer, cfg, layer, dispatch):
-    """decoder_layer under jax.checkpoint, saving nothing inside the layer: the backward keeps only
-    each layer's input [B, T, d] and recomputes one layer at a time (same values: same ops)."""
-    def f(p, x, positions, delta, kv_valid, expert_layer):
-        return decoder_layer(p, x, positions, delta, cfg, layer, None, kv_valid, dispatch, expert_layer)
-    return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)(p, x, positions, delta, kv_valid,
-                                                                             expert_layer)
+    """decoder_layer, rematerialised: the backward keeps only the layer's inputs and recomputes the
+    layer when its output cotangent arrives (same values: same ops). A custom VJP rather than
+    jax.checkpoint: the recomputation takes the cotangent through an optimization_barrier, so XLA
+    cannot hoist every layer's recomputation to the start of the backward (which it did with
+    jax.checkpoint on unrolled layers: more memory than no remat at all)."""
+    inner = cfg.replace(remat="layer")   # attention inside keeps no probabilities either (layers.attend lean)
+
+    def f(p, x, delta, positions, kv_valid, expert_layer):
+        return decoder_layer(p, x, positions, delta, inner, layer, None, kv_valid, dispatch, expert_layer)
+
+    @jax.custom_vjp
+    def run(p, x, delta, rest):
+        return f(p, x, delta, *rest)
+
+    def run_fwd(p, x, delta, rest):
+        return f(p, x, delta, *rest), (p, x, delta, rest)
+
+    def run_bwd(res, ct):
+        (p, x, delta, rest), ct = jax.lax.optimization_barrier((res, ct))
+        _, pull = jax.vjp(lambda p, x, delta: f(p, x, delta, *rest), p, x, delta)
+        return (*pull(ct), jax.tree.map(_zero_cotangent, rest))
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(p, x, delta, (positions, kv_valid, expert_layer))
+
+
+def _zero_cotangent(a):
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
 
 
 def write_rows(stacked, rows, rep, start):
@@ -179,6 +204,13 @@ def _run_reps(params_s, cache_s, st, reps: range, subs: range, x, positions, del
     """Run sub-layers `subs` of repeats `reps` of one stack; a scan over the repeats when more
     than one. -> (x, cache_s, rows {sub: [n_reps, ...]} or None, aux {sub: [n_reps, ...]})."""
     delta_rows = {j: _delta_rows(cfg, st, j) for j in subs}
+    if (cache_s is None and len(reps) > 1 and use_remat(cfg, x.shape[0] * x.shape[1])
+            and any(isinstance(params_s[str(j)], tuple) for j in subs)):
+        # remat needs the scan: on unrolled layers XLA schedules the recomputations together and the
+        # backward kept as much as without remat (measured); a scan recomputes one layer per step.
+        # (Restacking copies this stack's weights: only stacks of <= UNROLL_MAX repeats are unrolled.)
+        params_s = {**params_s, **{str(j): jax.tree.map(lambda *a: jnp.stack(a), *params_s[str(j)])
+                                   for j in subs if isinstance(params_s[str(j)], tuple)}}
 
     def body(carry, rep):
         x, cache_s = carry
