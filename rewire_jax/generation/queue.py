@@ -73,13 +73,25 @@ def _pow2(n: int, cap: int) -> int:
 CALL_COST_TOKENS = 256
 
 
-def plan_groups(rows_buckets, cap: int):
+#: CPU: at most this many (padded) row-tokens per optimisation sub-batch. Measured on the demo model
+#: (2-core CPU, paper defaults): a phase costs 42 ms/row at 4-8 rows x 128 tokens and 98 ms/row at
+#: 4 x 256, but 60 / 145 ms/row at 16 x 128 / 8-16 x 256 (activations leave the caches): past ~1k
+#: row-tokens a bigger batch is slower per row. Accelerators: no cap (a batch fills the device).
+PHASE_TOKENS_CPU = 1024
+
+
+def phase_token_cap() -> Optional[int]:
+    return PHASE_TOKENS_CPU if jax.default_backend() == "cpu" else None
+
+
+def plan_groups(rows_buckets, cap: int, max_tokens: Optional[int] = None):
     """Rows at context buckets -> groups [(bucket, rows)], each run as one sub-batch at its bucket.
 
     Rows are sorted by bucket and cut into contiguous runs, each padded to `_pow2` rows and run at
     its largest bucket; the cut minimises sum(padded rows x bucket) + CALL_COST_TOKENS per group (a
     small dynamic programme), so a short context does not pay for a long one unless a separate call
-    costs more than the padding it saves."""
+    costs more than the padding it saves. max_tokens: no group above that many padded row-tokens
+    (unless it is a single row)."""
     items = sorted(rows_buckets, key=lambda rb: (rb[1], rb[0]))
     n = len(items)
     if n == 0:
@@ -89,7 +101,7 @@ def plan_groups(rows_buckets, cap: int):
     for j in range(1, n + 1):
         for i in range(j):
             cost = best[i] + _pow2(j - i, cap) * items[j - 1][1] + CALL_COST_TOKENS
-            if j - i > cap:
+            if j - i > cap or (max_tokens and j - i > 1 and _pow2(j - i, cap) * items[j - 1][1] > max_tokens):
                 continue
             if cost < best[j]:
                 best[j], cut[j] = cost, i
@@ -109,7 +121,7 @@ def phase_grouped(params, cycle: CycleState, buf, lengths, active, cap: int, cfg
     from ..rewire.options import PhaseOutput
     B = len(lengths)
     rows = [(int(r), bucket_length(int(lengths[r]), cap=cap)) for r in np.flatnonzero(active)]
-    groups = plan_groups(rows, B)
+    groups = plan_groups(rows, B, phase_token_cap())
     if len(groups) <= 1:
         Tb = bucket_length(int(np.max(lengths)), cap=cap)
         return run_phase(params, cycle, buf[:, :Tb], jnp.asarray(lengths), cfg, opts, jnp.asarray(active), dispatch)
@@ -256,7 +268,7 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
             k = (wants, int(row_phases[r]) if (wants and opts.selection == "random") else 0)
             classes.setdefault(k, []).append((r, bucket_length(int(lengths[r]), cap=S)))
         groups = [(Tb, wants, pidx, rows) for (wants, pidx), rb in sorted(classes.items())
-                  for Tb, rows in plan_groups(rb, B)]
+                  for Tb, rows in plan_groups(rb, B, phase_token_cap() if wants else None)]
         for Tb, wants, pidx, rows in groups:
             m = _pow2(len(rows), B)
             gather_idx, put_idx = _padded_rows(rows, B, m)
