@@ -50,8 +50,8 @@ def test_sharded_logits_and_shard_shapes_every_variant(tmp_path):
     meshes = MESHES if FULL else ["expert=4,tensor=2", "data=2,expert=2,tensor=2"]
     results = run_worker(tmp_path, VARIANTS, meshes, generate=FULL)
     check(results, generate=FULL)
-    # the meshes really shard: experts split over expert x tensor for every variant
-    assert all(r["sharded_leaves"] > 0 for r in results)
+    # the meshes really shard (olmoe_tied's 6 experts on expert=8 are replicated by the rule)
+    assert all(r["sharded_leaves"] > 0 for r in results if (r["variant"], r["mesh"]) != ("olmoe_tied", "expert=8"))
 
 
 @pytest.mark.parametrize("variant,mesh", [("deepseek_v2_lite", "expert=4,tensor=2"),
