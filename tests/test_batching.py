@@ -102,3 +102,24 @@ def test_blocked_dispatch_over_hit_experts_equals_dense(N):
         for a, b in zip(jax.grad(loss(m), (0, 1))(x, w), jax.grad(loss("dense"), (0, 1))(x, w)):
             np.testing.assert_allclose(a, b, atol=1e-4)
     assert D.choose_block(N * k, E) == (4 if N * k // E <= 4 else 8 if N * k // E <= 8 else 16)
+
+
+def test_batch_table_runs_and_measures_idle_rows(tmp_path):
+    """`python -m rewire_jax.bench.batch` on the demo model, tiny: every row is measured, the
+    distinct-experts column is within [k, min(E, B*k)], and the queue's idle fraction is computed
+    from the same budgets as lock-step's."""
+    import json
+    from rewire_jax.bench import batch
+    out = tmp_path / "batch.json"
+    batch.main(["--models", "demo", "--batches", "1", "2", "--new-tokens", "20", "--queue-prompts", "6",
+                "--queue-batch", "3", "--skip-hf", "--json", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["batch"]: r for r in res["rows"]}
+    assert set(rows) == {1, 2}
+    for B, r in rows.items():
+        assert r["baseline"]["tok_s"] > 0 and r["rewired"]["optimise"] > 0
+        assert r["top_k"] <= r["distinct_experts"] <= min(r["experts"], B * r["top_k"])
+    assert rows[1]["distinct_experts"] == rows[1]["top_k"]
+    q = res["queue"][0]
+    assert 0 <= q["queue_idle_fraction"] < 1 and 0 <= q["lockstep_idle_fraction"] < 1
+    assert q["queue_stats"]["refills"] == 6

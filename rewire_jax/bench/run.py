@@ -435,7 +435,15 @@ def main(argv=None):
     from ..distributed import add_arguments
     add_arguments(p)   # --mesh (and the multi-host flags) for the rewire_jax rows
     p.add_argument("--quick", action="store_true", help="a small smoke run (prompt 64, 64 tokens, interval 32)")
+    p.add_argument("--batch-table", action="store_true", help="then the batch table (rewire_jax.bench.batch, "
+                   "its defaults: demo + OLMoE-shaped model at batch 1/4/16/64, HF generate, queue vs lock-step)")
+    p.add_argument("--batch-only", action="store_true", help="only the batch table")
     args = p.parse_args(argv)
+    if args.batch_table or args.batch_only:
+        from . import batch
+        batch_json = [] if not args.json else ["--json", str(Path(args.json).with_suffix(".batch.json"))]
+        if args.batch_only:
+            return batch.main(batch_json)
     if args.quick:
         args.prompt_len, args.new_tokens, args.interval, args.repeats = 64, 64, 32, 1
     if args.dtypes is None:
@@ -444,6 +452,9 @@ def main(argv=None):
     result = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    if args.batch_table:
+        from . import batch
+        result["batch"] = batch.main(batch_json)
 
 
 if __name__ == "__main__":
