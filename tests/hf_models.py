@@ -89,3 +89,31 @@ def prompt(n: int = 12, seed: int = 1, vocab: int = 128, avoid=(0, 1, 2)) -> lis
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, size=4 * n)
     return [int(t) for t in ids if t not in avoid][:n]
+
+
+def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest MXFP4, written from the OCP MX spec: w [E, out, in] -> blocks uint8
+    [E, out, in/32, 16] (low nibble = even element), scales uint8 [E, out, in/32] (E8M0, bias 127).
+    Each 32-block gets the smallest power-of-two scale that brings its max |w| within FP4's 6."""
+    from rewire_jax.io.mxfp4 import FP4_VALUES
+    E, R, K = w.shape
+    groups = w.reshape(E, R, K // 32, 32).astype(np.float64)
+    amax = np.abs(groups).max(-1)
+    exp = np.clip(np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)), -127, 127).astype(np.int32)
+    scaled = groups / np.ldexp(1.0, exp)[..., None]
+    codes = np.abs(scaled[..., None] - FP4_VALUES.astype(np.float64)).argmin(-1).astype(np.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(exp + 127, np.uint8)
+
+
+def mxfp4_state_dict(model) -> dict:
+    """A gpt-oss model's tensors in the hub's MXFP4 layout: the experts' gate_up_proj / down_proj
+    (in memory [E, in, out], input-major) as `_blocks` / `_scales` [E, out, in/32, 16] / [E, out, in/32]."""
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = quantize_mxfp4(value.numpy().transpose(0, 2, 1))
+            tensors[f"{key}_blocks"], tensors[f"{key}_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
+        else:
+            tensors[key] = value.contiguous()
+    return tensors

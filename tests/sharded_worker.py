@@ -22,35 +22,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 
 
-def quantize_mxfp4(w):
-    from rewire_jax.io.mxfp4 import FP4_VALUES
-    E, R, K = w.shape
-    groups = w.reshape(E, R, K // 32, 32).astype(np.float64)
-    exp = np.clip(np.ceil(np.log2(np.maximum(np.abs(groups).max(-1), 1e-30) / 6.0)), -127, 127).astype(np.int32)
-    scaled = groups / np.ldexp(1.0, exp)[..., None]
-    codes = np.abs(scaled[..., None] - FP4_VALUES.astype(np.float64)).argmin(-1).astype(np.uint8)
-    return (np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4), np.uint8),
-            np.ascontiguousarray(exp + 127, np.uint8))
-
-
 def build_dir(name: str, root: Path) -> Path:
     import hf_models
     d = root / name
     if (d / "config.json").exists():
         return d
     if name == "gpt_oss_mxfp4":   # the hub's MXFP4 expert format
-        import torch
         from safetensors.torch import save_file
         tm = hf_models.build("gpt_oss")
         d.mkdir(parents=True)
-        tensors = {}
-        for key, value in tm.state_dict().items():
-            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                b, s = quantize_mxfp4(value.numpy().transpose(0, 2, 1))
-                tensors[f"{key}_blocks"], tensors[f"{key}_scales"] = torch.from_numpy(b), torch.from_numpy(s)
-            else:
-                tensors[key] = value.contiguous()
-        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_file(hf_models.mxfp4_state_dict(tm), str(d / "model.safetensors"), metadata={"format": "pt"})
         tm.config.save_pretrained(d)
         cfg = json.loads((d / "config.json").read_text())
         cfg["quantization_config"] = {"quant_method": "mxfp4"}

@@ -27,7 +27,6 @@ from rewire_jax.attention import mla_softmax_scale
 from rewire_jax.config import ConfigError
 from rewire_jax.layers import rope_inv_freq
 from rewire_jax.model import param_shapes
-from rewire_jax.mxfp4 import FP4_VALUES
 from rewire_jax.bench.torch_reference import hf_logits, reference_generate
 
 ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2_lite", "deepseek_v2_glg", "deepseek_v3", "gpt_oss"]
@@ -162,30 +161,9 @@ def test_rewiring_matches_torch_reference(loaded, name, opts):
 
 # -- MXFP4 ---------------------------------------------------------------------------------------
 
-def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Round-to-nearest MXFP4, written from the OCP MX spec: w [E, out, in] -> blocks uint8
-    [E, out, in/32, 16] (low nibble = even element), scales uint8 [E, out, in/32] (E8M0, bias 127).
-    Each 32-block gets the smallest power-of-two scale that brings its max |w| within FP4's 6."""
-    E, R, K = w.shape
-    groups = w.reshape(E, R, K // 32, 32).astype(np.float64)
-    amax = np.abs(groups).max(-1)
-    exp = np.clip(np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)), -127, 127).astype(np.int32)
-    scaled = groups / np.ldexp(1.0, exp)[..., None]
-    codes = np.abs(scaled[..., None] - FP4_VALUES.astype(np.float64)).argmin(-1).astype(np.uint8)
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(exp + 127, np.uint8)
-
-
 def test_mxfp4_checkpoint_loads_exactly(hf_dirs, loaded, tmp_path):
     tm, d = hf_dirs("gpt_oss")
-    tensors = {}
-    for key, value in tm.state_dict().items():
-        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            # in memory [E, in, out] (input-major); the hub stores [E, out, in/32, 16]
-            blocks, scales = quantize_mxfp4(value.numpy().transpose(0, 2, 1))
-            tensors[f"{key}_blocks"], tensors[f"{key}_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
-        else:
-            tensors[key] = value.contiguous()
+    tensors = hf_models.mxfp4_state_dict(tm)   # the hub stores the experts as [E, out, in/32, 16]
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
