@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -28,7 +29,9 @@ def _kv_list(text: str, what: str) -> dict:
 
 
 def _split_methods(text: str) -> list[str]:
-    """Split on commas outside [...] ('rewire[selection=hard,ratio=0.25],baseline')."""
+    """Split on commas outside [...] ('rewire[selection=hard,ratio=0.25],baseline'). An item 'key=value'
+    continues the previous method when that one ends in a colon-form part ('rewire:selection=hard,
+    ratio=0.25,baseline' -> ['rewire:selection=hard,ratio=0.25', 'baseline']); anywhere else it is an error."""
     out, depth, cur = [], 0, ""
     for ch in text:
         depth += {"[": 1, "]": -1}.get(ch, 0)
@@ -37,7 +40,18 @@ def _split_methods(text: str) -> list[str]:
             cur = ""
         else:
             cur += ch
-    return [m for m in out + [cur.strip()] if m]
+    joined: list[str] = []
+    for item in (m for m in out + [cur.strip()] if m):
+        if not re.match(r"[A-Za-z_]\w*=", item):
+            joined.append(item)
+        elif joined and re.fullmatch(r"[A-Za-z_]\w*:[A-Za-z_]\w*=[^+\[\]]*", joined[-1].split("+")[-1].strip()):
+            joined[-1] += "," + item
+        else:
+            prev = f" after {joined[-1]!r}" if joined else ""
+            raise ValueError(f"--methods: {item!r}{prev} is not a method and continues no colon-form option list "
+                             f"(those must end the method: rewire:{item}, or icl:2+rewire:a=1,b=2); "
+                             f"or use the bracket form rewire[a=1,b=2]")
+    return joined
 
 
 def add_parser(sub) -> None:

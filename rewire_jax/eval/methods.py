@@ -4,6 +4,8 @@
     parse_method("icl:3+rewire")                  -> 3-shot prompts, rewired with the default options
     parse_method("sc:3+rewire[selection=hard,continuous=false]")
     parse_method("rewire[selection=last_k,last_k=5]")   # any RewireOptions field, typed by its default
+    parse_method("rewire:selection=hard,ratio=0.25")    # the same options in the colon form
+    parse_method("shift:2+rewire")                # 2 demonstrations from OTHER tasks (context shift)
 
 sc:k draws k sampled paths per problem (temperature/top-p of the run) and aggregates them (majority
 vote, or pass@k for code). sc:k+rewire puts the k copies of the prompt in ONE batch: the first
@@ -26,6 +28,7 @@ class Method:
     icl: int = 0                              # demonstrations prepended to the prompt
     sc: int = 0                               # 0: one greedy sample; k: k sampled paths
     rewire: Optional[RewireOptions] = None    # None: no optimisation (deltas stay 0)
+    shift: int = 0                            # demonstrations from other tasks (tasks.SHIFT_TASKS)
 
     @property
     def samples(self) -> int:
@@ -54,28 +57,34 @@ def rewire_options(overrides: str, base: RewireOptions) -> RewireOptions:
 
 
 def parse_method(spec: str, base: RewireOptions = RewireOptions()) -> Method:
-    """Parse 'baseline' | parts joined by '+': 'icl:K', 'sc:K', 'rewire' or 'rewire[k=v,...]'."""
-    icl = sc = 0
+    """Parse 'baseline' | parts joined by '+': 'icl:K', 'shift:K', 'sc:K', 'rewire', 'rewire[k=v,...]' or
+    'rewire:k=v,...' (the colon form; the same options)."""
+    counts = {"icl": 0, "sc": 0, "shift": 0}
     rewire = None
     parts = re.findall(r"[^+\[]+(?:\[[^\]]*\])?", spec.strip())
     if not parts or "+".join(parts) != spec.strip():
         raise ValueError(f"bad method {spec!r}")
     for part in (p.strip() for p in parts):
-        m = re.fullmatch(r"(icl|sc):(\d+)", part)
+        m = re.fullmatch(r"(icl|sc|shift):(\d+)", part)
         if m:
             k = int(m.group(2))
             if k < 1:
                 raise ValueError(f"{part}: k must be >= 1")
-            icl, sc = (k, sc) if m.group(1) == "icl" else (icl, k)
+            counts[m.group(1)] = k
         elif part == "baseline":
             pass
         elif part.startswith("rewire"):
-            inner = re.fullmatch(r"rewire(?:\[(.*)\])?", part)
+            inner = re.fullmatch(r"rewire(?:\[(.*)\]|:(.+))?", part)
             if inner is None:
-                raise ValueError(f"bad rewire part {part!r} in method {spec!r}")
-            rewire = rewire_options(inner.group(1) or "", base)
+                raise ValueError(f"bad rewire part {part!r} in method {spec!r} (rewire, rewire[k=v,...] or "
+                                 f"rewire:k=v,...)")
+            rewire = rewire_options(inner.group(1) or inner.group(2) or "", base)
         else:
-            raise ValueError(f"unknown method part {part!r} in {spec!r} (baseline, rewire[...], icl:K, sc:K)")
+            raise ValueError(f"unknown method part {part!r} in {spec!r} (baseline, rewire[...], rewire:k=v, "
+                             f"icl:K, shift:K, sc:K)")
+    icl, sc, shift = counts["icl"], counts["sc"], counts["shift"]
+    if icl and shift:
+        raise ValueError(f"{spec!r}: icl:K (aligned) and shift:K (shifted demonstrations) exclude each other")
     if spec.strip() == "baseline" or rewire is None or not rewire.enabled:
         rewire = None
-    return Method(spec.strip(), icl, sc, rewire)
+    return Method(spec.strip(), icl, sc, rewire, shift=shift)

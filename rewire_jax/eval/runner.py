@@ -28,7 +28,7 @@ from rewire_jax import RewireOptions, Sampling
 from . import backend as backend_lib
 from .methods import Method, parse_method
 from .sandbox import Limits
-from .tasks import get_task, pick_demos
+from .tasks import demo_prompt, get_task, load_shift_pools
 
 TIMING_FIELDS = ("seconds",)
 
@@ -164,11 +164,13 @@ def run_eval(model, tasks: dict, methods: Sequence[str], out_dir, cfg: EvalConfi
     meths = [parse_method(m, base) for m in methods]
     chat = backend_lib.has_chat_template(model) if cfg.chat is None else cfg.chat
     limits = Limits(timeout_s=cfg.sandbox_timeout, cpu_s=int(cfg.sandbox_timeout) + 1)
-    work = []
+    work, shift_pools = [], {}
     for name, source in tasks.items():
         task = get_task(name)
         probs = shard_problems(task.load(source or cfg.sources.get(name), cfg.limit), cfg.shard)
         pool = task.load_icl(cfg.icl_sources.get(name)) if any(m.icl for m in meths) else []
+        if any(m.shift for m in meths):   # shift:K: the other tasks' ICL pools (context shift)
+            shift_pools[name] = load_shift_pools(task, cfg.icl_sources)
         for m in meths:
             work += [(task, m, pool, b, i) for i, b in enumerate(plan(probs, m, cfg.batch_size))]
     total = sum(len(b) * m.samples for _, m, _, b, _ in work)
@@ -180,8 +182,7 @@ def run_eval(model, tasks: dict, methods: Sequence[str], out_dir, cfg: EvalConfi
         if all(k in done for k in keys):
             continue
         bar.set_postfix_str(f"{task.name} {m.name}")
-        prompts = [task.prompt(p, pick_demos(pool, m.icl, cfg.seed, task.name, p["id"]) if m.icl else ())
-                   for p in probs]
+        prompts = [demo_prompt(task, p, m.icl, m.shift, pool, shift_pools.get(task.name), cfg.seed) for p in probs]
         budget = cfg.max_new_tokens.get(task.name, task.max_new_tokens)
         stops = () if chat and task.kind == "code" else task.stops
         reqs = [backend_lib.Request(tuple(backend_lib.encode_prompt(model, t, chat)), budget, stops)

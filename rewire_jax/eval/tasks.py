@@ -137,6 +137,53 @@ def pick_demos(pool: Sequence[dict], k: int, seed: int, task: str, problem_id: s
     return random.Random(f"{seed}/{task}/{problem_id}").sample(cands, k)
 
 
+# -- context shift (paper Sec. 6.5, Fig. 4): demonstrations from OTHER tasks ------------------------
+
+# The foreign tasks whose ICL pools give the shifted demonstrations, by the target task's domain
+# (task.kind): code -> MATH and MMLU (the paper's example), math -> code and MMLU, MMLU -> code and MATH.
+SHIFT_TASKS = {"code": ("math500", "mmlu_redux"), "number": ("mbpp", "mmlu_redux"),
+               "math": ("mbpp", "mmlu_redux"), "integer": ("mbpp", "mmlu_redux"), "choice": ("mbpp", "math500")}
+
+
+def shift_tasks(task: "Task") -> tuple:
+    return SHIFT_TASKS[task.kind]
+
+
+def load_shift_pools(task: "Task", icl_sources: dict) -> dict:
+    """{foreign task name: its ICL pool} for shift:K on `task` (`icl_sources`: task -> local file)."""
+    return {name: get_task(name).load_icl(icl_sources.get(name)) for name in shift_tasks(task)}
+
+
+def pick_shift_demos(pools: dict, k: int, seed: int, task: str, problem_id: str) -> list[tuple]:
+    """k (foreign task name, demonstration) pairs, seeded per problem: the foreign tasks take turns
+    (starting with a seeded one, so shift:1 is not always the same domain), each drawing without
+    replacement from its own pool. Never from `task` itself, so never the problem itself."""
+    names = sorted(pools)
+    if not names or task in names:
+        raise ValueError(f"shift:{k} on {task}: the foreign pools must be other tasks', got {names}")
+    rng = random.Random(f"{seed}/{task}/shift/{problem_id}")
+    start = rng.randrange(len(names))
+    turns = [names[(start + j) % len(names)] for j in range(k)]
+    picked = {}
+    for n in names:
+        need = turns.count(n)
+        if need > len(pools[n]):
+            raise ValueError(f"shift:{k} on {task} needs {need} demonstrations from {n}, its ICL pool has "
+                             f"{len(pools[n])}; pass a larger --icl-source {n}=FILE")
+        picked[n] = rng.sample(list(pools[n]), need)
+    return [(n, picked[n].pop(0)) for n in turns]
+
+
+def demo_prompt(task: "Task", problem: dict, icl: int = 0, shift: int = 0, pool: Sequence[dict] = (),
+                shift_pools: Optional[dict] = None, seed: int = 0) -> str:
+    """The prompt of `problem` with icl:K aligned demonstrations (`task`'s own pool and format) or
+    shift:K shifted ones (each in its own task's demonstration format), or none."""
+    if shift:
+        demos = pick_shift_demos(shift_pools or {}, shift, seed, task.name, problem["id"])
+        return "".join(get_task(n).demo_fn(d) for n, d in demos) + task.prompt_fn(problem)
+    return task.prompt(problem, pick_demos(pool, icl, seed, task.name, problem["id"]) if icl else ())
+
+
 # -- per-task row normalizers and prompts ---------------------------------------------------------
 
 def _humaneval(r, i):
