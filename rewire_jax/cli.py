@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                         "machine type (compiled code is specific to the host's CPU/GPU)")
     from .eval import cli as eval_cli
     eval_cli.add_parser(sub)
+    # parsed by lm-eval itself (`_main` hands everything after `lm-eval` to it); listed here for --help
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness's CLI with the rewire-jax backend (--model rewire-jax); "
+                        "`rewire-jax lm-eval --help` for its arguments")
     return p
 
 
@@ -182,6 +186,9 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        return _lm_eval(argv[1:])
     a = _parser().parse_args(argv)
     try:
         if a.command == "generate":
@@ -193,6 +200,19 @@ def _main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _lm_eval(argv) -> int:
+    try:
+        from .eval.lm_eval_backend import cli_main
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return cli_main(argv)
+    except (ValueError, FileNotFoundError) as e:   # bad model_args / paths: the message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
