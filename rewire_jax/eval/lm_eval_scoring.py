@@ -3,10 +3,11 @@
     deltas = context_deltas(params, cfg, opts, contexts, batch_size)      # [N, L_moe, E]
     scores = score_sequences(params, cfg, seqs, n_scored, deltas, batch_size)  # [(logprob, is_greedy)]
 
-Both batch their inputs the way the generation queue does: rows sorted by length bucket
-(`bucket_length`), cut into groups by `plan_groups`, each group right-padded to its bucket and to
-`_pow2` rows (padding rows inactive / ignored). Compiled programs: one per (rows, bucket) pair,
-so a run compiles O(log batch_size x log length) programs whatever its requests. Right padding is
+Both sort their inputs longest first and cut them into batches (`plan_batches`): a batch is
+right-padded to the length bucket of its longest row (`bucket_length`: 4 buckets per octave) and
+to a row count fixed by that bucket (`rows_for`: batch_size, capped on CPU to ~1k row-tokens per
+optimisation batch like the generation queue; padding rows inactive / ignored), so a run compiles
+one program per bucket whatever its requests (O(log max_length)). Right padding is
 exact for a causal model (no position attends to a later one) and every row has its own deltas
 and Adam state, so a row's score does not depend on its neighbours (tests/test_lm_eval.py checks
 batched == one at a time).
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generation.queue import _pow2, phase_token_cap, plan_groups
+from ..generation.queue import phase_token_cap
 from ..model import forward, token_nll, zero_deltas
 from ..model.config import ModelConfig
 from ..rewire import RewireOptions, bucket_length, run_phase, start_cycle
@@ -37,10 +38,23 @@ def _padded(seqs: Sequence[Sequence[int]], rows: Sequence[int], m: int, T: int):
     return tokens, lengths
 
 
-def _groups(lengths: Sequence[int], cap: int, max_tokens: Optional[int] = None):
-    """Indices with their lengths -> [(bucket T, rows, padded row count)] (see module doc)."""
-    groups = plan_groups([(i, bucket_length(n)) for i, n in enumerate(lengths)], cap, max_tokens)
-    return [(T, rows, _pow2(len(rows), cap)) for T, rows in groups]
+def rows_for(T: int, batch_size: int, max_tokens: Optional[int]) -> int:
+    """Rows of a batch at bucket T: batch_size, fewer where rows x T would pass max_tokens (>= 1)."""
+    return max(1, min(batch_size, max_tokens // T)) if max_tokens else batch_size
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: Optional[int] = None):
+    """Sequence lengths -> [(bucket T, row indices, padded rows m)]: longest first, each batch at the
+    bucket of its longest sequence and padded to m = rows_for(T) rows, so the batch shape depends on
+    the bucket only (one compiled program per bucket) and similar lengths share a batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, i = [], 0
+    while i < len(order):
+        T = bucket_length(lengths[order[i]])
+        m = rows_for(T, batch_size, max_tokens)
+        out.append((T, order[i:i + m], m))
+        i += m
+    return out
 
 
 def context_deltas(params, cfg: ModelConfig, opts: RewireOptions, contexts: Sequence[Sequence[int]],
@@ -56,7 +70,7 @@ def context_deltas(params, cfg: ModelConfig, opts: RewireOptions, contexts: Sequ
         if len(c) >= 2:
             unique.setdefault(tuple(int(t) for t in c), []).append(i)
     keys = list(unique)
-    for T, rows, m in _groups([len(k) for k in keys], batch_size, phase_token_cap()):
+    for T, rows, m in plan_batches([len(k) for k in keys], batch_size, phase_token_cap()):
         tokens, lengths = _padded(keys, rows, m, T)
         state = start_cycle(cfg, opts, m)
         state, _ = run_phase(params, state, tokens, lengths, cfg, opts, np.arange(m) < len(rows))
@@ -85,7 +99,7 @@ def score_sequences(params, cfg: ModelConfig, seqs: Sequence[Sequence[int]], n_s
             raise ValueError(f"cannot score the last {n} of {len(s)} tokens: a scored span needs at least one "
                              f"token and at least one token before it")
     out: list = [None] * len(seqs)
-    for T, rows, m in _groups([len(s) for s in seqs], batch_size):
+    for T, rows, m in plan_batches([len(s) for s in seqs], batch_size):
         tokens, lengths = _padded(seqs, rows, m, T)
         d = zero_deltas(cfg, m) if deltas is None else jnp.asarray(
             np.concatenate([deltas[rows], np.zeros((m - len(rows), *cfg.delta_shape), np.float32)]))
