@@ -2,7 +2,7 @@
 test process keeps 1), compares sharded against single-device runs and prints one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_worker.py OUT_DIR \
-        --variants olmoe,gpt_oss_mxfp4 --meshes expert=8,fsdp=8 --generate
+        --variants olmoe,gpt_oss_mxfp4 --meshes expert=8,fsdp=8 --generate [--via-converted fsdp=8]
 (meshes are separated by ';' when they contain commas). Checks per (variant, mesh): max |logits
 sharded - single| (batch 2, random per-sequence deltas), that every weight's shard shape is what
 the rules give, and with --generate the full rewired generate (tokens, final deltas).
@@ -61,6 +61,8 @@ def main(argv=None):
     p.add_argument("--meshes", required=True, help="';'-separated mesh specs")
     p.add_argument("--generate", action="store_true")
     p.add_argument("--new-tokens", type=int, default=6)
+    p.add_argument("--via-converted", default=None, metavar="MESH",
+                   help="convert each variant with this mesh (sharded write) and load the meshes from that")
     a = p.parse_args(argv)
 
     import jax
@@ -85,6 +87,9 @@ def main(argv=None):
         opts = RewireOptions(interval=3, steps=3, lr=0.1)
         if a.generate:
             ref = rewire_jax.generate(single, prompts, a.new_tokens, rewire=opts, eos_token_id=None)
+        if a.via_converted:   # written shard by shard on one mesh, restored onto others
+            from rewire_jax.io.convert import to_converted
+            d = to_converted(d, root / f"{name}-converted", dtype="float32", progress=False, mesh=a.via_converted)
         for spec in a.meshes.split(";"):
             t0 = time.time()
             model = rewire_jax.load(d, mesh=spec)

@@ -24,11 +24,13 @@ MESHES = ["expert=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2", "fsdp=8"]
 FULL = os.environ.get("REWIRE_JAX_FULL_SHARDING") == "1"
 
 
-def run_worker(tmp, variants, meshes, generate: bool, timeout=1500):
+def run_worker(tmp, variants, meshes, generate: bool, timeout=1500, via_converted=None):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, str(WORKER), str(tmp), "--variants", ",".join(variants), "--meshes", ";".join(meshes)]
     if generate:
         cmd.append("--generate")
+    if via_converted:
+        cmd += ["--via-converted", via_converted]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -61,6 +63,15 @@ def test_sharded_rewired_generate(tmp_path, variant, mesh):
     if FULL:
         pytest.skip("covered by the full matrix")
     check(run_worker(tmp_path, [variant], [mesh], generate=True), generate=True)
+
+
+def test_converted_on_one_mesh_restores_onto_another(tmp_path):
+    """`python -m convert --mesh fsdp=8` writes shard by shard; the checkpoint restores onto
+    another mesh (and the worker's single-device reference loads it on one device) exactly."""
+    results = run_worker(tmp_path, ["deepseek_v2_lite"], ["expert=4,tensor=2"], generate=False,
+                         via_converted="fsdp=8")
+    check(results, generate=False)
+    assert results[0]["sharded_leaves"] > 0
 
 
 def test_parse_mesh_and_rules():

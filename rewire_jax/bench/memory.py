@@ -5,8 +5,9 @@
       50304, 16 heads; `--layers` of its 16 layers) with random bf16 weights, shard by shard in the
       hub's layout (per-expert keys, one safetensors file per layer + index), then in fresh
       processes measures the peak host RSS above the process baseline (after imports) of
-      `rewire_jax.load(dir, dtype="bfloat16")` and of `python -m convert dir out`, and the bytes
-      per device of the loaded weights on an 8-device mesh (simulated CPU devices).
+      `rewire_jax.load(dir, dtype="bfloat16")`, of `python -m convert dir out` and of loading its
+      output, and the bytes per device of the loaded weights on an 8-device mesh (simulated CPU
+      devices).
   python -m rewire_jax.bench.memory plan tests/fixtures/*.json
       weights per chip (bf16) of each config on a few meshes (no devices needed).
   python -m rewire_jax.bench.memory phase [--contexts 1024,2048,4096,8192] [--remat none,layer]
@@ -151,6 +152,10 @@ def bench_load(a):
     res["convert"] = {**r, "ratio": r["peak_above_baseline"] / total}
     print(f"convert: peak RSS above baseline {r['peak_above_baseline'] / 1e9:.2f} GB = {res['convert']['ratio']:.3f}x",
           flush=True)
+    r = _probe("load", out)
+    res["load converted"] = {**r, "ratio": r["peak_above_baseline"] / total}
+    print(f"load the converted checkpoint (1 device): peak RSS above baseline "
+          f"{r['peak_above_baseline'] / 1e9:.2f} GB = {res['load converted']['ratio']:.3f}x", flush=True)
     for mesh in a.meshes.split(";"):
         r = _probe("load", src, mesh=mesh, devices=8)
         res[f"load mesh {mesh}"] = {**r, "device0_fraction": r["device0_bytes"] / r["weights_bytes"],

@@ -1,7 +1,9 @@
 """rewire-jax's own checkpoint format: an orbax param tree plus our config, written atomically.
 
 Layout of a converted directory:
-    params/           orbax StandardCheckpointer tree, laid out as `model/weights.py` declares
+    params/NAME/      one orbax checkpoint per leaf of the param tree that `model/weights.py`
+                      declares (NAME: its path, e.g. `stacks.0.0.experts_gate`), written one leaf at
+                      a time so that converting never holds more than one tensor (format 3)
     rewire_jax.json   {"format": 2, "config": ModelConfig.to_dict(), "source": ...}  (written last)
     config.json, tokenizer files   copied from the HF directory
 A directory without `rewire_jax.json` is never treated as a converted checkpoint, and the whole
@@ -20,10 +22,15 @@ import numpy as np
 from ..model.config import ModelConfig
 from ..model.weights import param_shapes
 from .atomic import atomic_directory
+from .hf import place
+from .safetensors import Lazy
 
 MARKER = "rewire_jax.json"
-#: 2: decoder layers stacked per `layer_plan` (1: one subtree per layer, before 0.2)
-FORMAT_VERSION = 2
+#: 3: one orbax item per leaf (2: one orbax tree for all leaves; 1: one subtree per layer)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
+#: on-disk chunk size of a leaf (the unit a region read touches), as the pieces `io.hf.place` copies
+CHUNK_BYTES = 64 << 20
 #: bytes orbax may hold in flight while saving (`save_converted`)
 SAVE_CONCURRENT_BYTES = 64 << 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -35,19 +42,41 @@ def is_converted(path: str | Path) -> bool:
     return (Path(path) / MARKER).exists()
 
 
+def leaf_names(tree) -> list[str]:
+    """Dotted paths of a param tree's leaves, in tree order ('embed', 'stacks.0.0.router', ...)."""
+    paths = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or callable(x))[0]
+    return [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in paths]
+
+
 def save_converted(out_dir: str | Path, cfg: ModelConfig, params, hf_dir: str | Path | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, progress: bool = False) -> Path:
+    """Write `params` (a param tree whose leaves are arrays, or zero-argument callables that
+    produce them) leaf by leaf: each callable is called, its array written and released before the
+    next, so a streamed conversion holds one tensor at a time (plus orbax's host copy of it)."""
     import orbax.checkpoint as ocp
 
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=callable)
+    names = leaf_names(params)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        # at most one (largest) array in flight from device to host at a time, so that saving costs
-        # the largest array's shard on top of the params, not a second copy of them all
-        limit = SAVE_CONCURRENT_BYTES + max([0] + [_local_bytes(a) for a in jax.tree.leaves(params)])
-        impl = ocp.BasePyTreeCheckpointHandler(save_concurrent_bytes=limit, save_device_host_concurrent_bytes=limit)
-        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(handler_impl=impl))
-        # jax.Arrays (possibly sharded over a mesh / hosts) are written shard by shard as they are
-        tree = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), params)
-        ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree))
+        it = zip(names, leaves)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(list(it), desc="converting", unit="tensor")
+        ckptr, ckptr_limit = None, -1
+        for name, leaf in it:
+            array = leaf() if callable(leaf) else leaf
+            array = array if isinstance(array, jax.Array) else np.asarray(array)
+            if _local_bytes(array) > ckptr_limit:
+                # orbax's in-flight bytes bounded by this array's largest shard: one copy of it at most
+                ckptr_limit = SAVE_CONCURRENT_BYTES + _local_bytes(array)
+                impl = ocp.BasePyTreeCheckpointHandler(save_concurrent_bytes=ckptr_limit,
+                                                       save_device_host_concurrent_bytes=ckptr_limit)
+                ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(handler_impl=impl))
+            # a jax.Array (possibly sharded over a mesh / hosts) is written shard by shard as it is
+            # chunks of <= CHUNK_BYTES on disk, so that a restore reads any region without the whole leaf
+            ckptr.save(tmp / "params" / name, args=ocp.args.PyTreeSave(
+                {"value": array}, save_args={"value": ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES)}))
+            del array
         if hf_dir is not None:
             for name in ("config.json", *TOKENIZER_FILES):
                 if (Path(hf_dir) / name).exists():
@@ -71,10 +100,14 @@ def read_config(path: str | Path) -> ModelConfig:
         meta = json.loads((path / MARKER).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / MARKER} is not valid JSON ({e}); re-run python -m convert") from None
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not supported "
-                         f"(this rewire-jax reads format {FORMAT_VERSION}); re-run python -m convert")
+                         f"(this rewire-jax reads formats {READABLE_FORMATS}); re-run python -m convert")
     return ModelConfig.from_dict(meta["config"])
+
+
+def _format(path: Path) -> int:
+    return json.loads((path / MARKER).read_text())["format"]
 
 
 def load_converted(path: str | Path, dtype: str | None = None, shardings=None) -> tuple[ModelConfig, dict]:
@@ -90,5 +123,35 @@ def load_converted(path: str | Path, dtype: str | None = None, shardings=None) -
     target = param_shapes(cfg)
     if shardings is not None:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
-    params = ocp.StandardCheckpointer().restore(path / "params", target)
-    return cfg, params
+    if _format(path) == 2:
+        return cfg, ocp.StandardCheckpointer().restore(path / "params", target)
+    leaves, treedef = jax.tree_util.tree_flatten(target)
+    shards = [None] * len(leaves) if shardings is None else jax.tree_util.tree_leaves(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    restored = []
+    for name, t, sh in zip(leaf_names(target), leaves, shards):
+        lazy = leaf_reader(path / "params" / name)
+        if tuple(lazy.shape) != tuple(t.shape):
+            raise ValueError(f"{path / 'params' / name} holds shape {lazy.shape}, the config implies "
+                             f"{tuple(t.shape)}; re-run python -m convert")
+        # region by region into this process's shards (never the whole leaf on the host twice)
+        restored.append(np.asarray(lazy.load()).astype(t.dtype, copy=False) if sh is None else place(lazy, sh, t.dtype))
+    return cfg, jax.tree_util.tree_unflatten(treedef, restored)
+
+
+def leaf_reader(leaf_dir: Path) -> Lazy:
+    """One leaf written by `save_converted` as a Lazy tensor whose regions tensorstore reads from the
+    leaf's orbax directory (only the on-disk chunks a region touches)."""
+    import tensorstore as ts
+
+    try:
+        meta = json.loads((leaf_dir / "_METADATA").read_text())
+        kvstore = ({"driver": "ocdbt", "base": leaf_dir.absolute().as_uri() + "/", "path": "value/"}
+                   if meta.get("use_ocdbt", True) else {"driver": "file", "path": str(leaf_dir.absolute() / "value")})
+        arr = ts.open({"driver": "zarr3" if meta.get("use_zarr3") else "zarr", "kvstore": kvstore},
+                      open=True, read=True).result()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the converted tensor {leaf_dir}: {e}; the checkpoint is incomplete or "
+                         f"damaged: re-run python -m convert") from None
+    return Lazy(arr.shape, arr.dtype.numpy_dtype, lambda: arr.read().result(), str(leaf_dir),
+                lambda index: arr[index].read().result(), grid=tuple(arr.chunk_layout.read_chunk.shape))

@@ -22,8 +22,9 @@ from .safetensors import TensorSource
 def to_converted(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
                  progress: bool = True, mesh=None) -> Path:
     """mesh (None, a Mesh or 'fsdp=8'-style spec): read straight into the shards of this process's
-    devices and write them shard by shard (multi-host: every host runs the same command). Without a
-    mesh each tensor is read into host memory once, never a second copy (peak ~1x the weights)."""
+    devices and write them shard by shard (multi-host: every host runs the same command). One
+    tensor is read, written and released at a time: the peak host memory is about the largest
+    tensor twice (it and orbax's copy), not the model."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir} is not a directory")
@@ -41,8 +42,10 @@ def to_converted(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16
     else:   # jax.Arrays on the (CPU) device: orbax writes them without a second host copy
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         shardings = jax.tree.map(lambda _: dev, param_shapes(cfg))
-    params = hf.materialise(lazy, cfg, progress=progress, desc="converting", shardings=shardings)
-    return checkpoint.save_converted(out_dir, cfg, params, hf_dir, overwrite=overwrite)
+    # streamed: each tensor is read (into this process's shards), written and released before the
+    # next, so the peak is one tensor (and orbax's copy of it), not the model
+    produce = hf.leaf_producers(lazy, cfg, shardings)
+    return checkpoint.save_converted(out_dir, cfg, produce, hf_dir, overwrite=overwrite, progress=progress)
 
 
 def to_hf(src_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None, overwrite: bool = False) -> Path:

@@ -161,6 +161,16 @@ def materialise(tree, cfg: ModelConfig, progress: bool = False, desc: str = "loa
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def leaf_producers(tree, cfg: ModelConfig, shardings) -> dict:
+    """The param tree with each Lazy leaf replaced by a zero-argument function that places it
+    (`place`, declared dtype) when called: for writers that stream one tensor at a time."""
+    dtypes = jax.tree.leaves(map_weights(lambda w: np.dtype(w.dtype(cfg)), declarations(cfg)))
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: isinstance(x, Lazy))
+    sh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return jax.tree_util.tree_unflatten(treedef, [functools.partial(place, leaf, s, dt)
+                                                  for leaf, s, dt in zip(leaves, sh, dtypes)])
+
+
 #: Host bytes read and copied to a device at a time when a shard is larger (`place`).
 CHUNK_BYTES = 64 << 20
 
@@ -186,12 +196,20 @@ def _chunks(index: tuple, itemsize: int) -> list[tuple]:
     return [index]
 
 
+def _grid_pieces(index: tuple, grid: tuple) -> list[tuple]:
+    """The cells of a chunk grid (storage chunks of shape `grid`) intersected with a region."""
+    import itertools
+    axes = [[slice(max(lo, s.start), min(lo + g, s.stop)) for lo in range(s.start - s.start % g, s.stop, g)]
+            for s, g in zip(index, grid)]
+    return [tuple(cell) for cell in itertools.product(*axes)]
+
+
 def place(lazy: Lazy, sharding, dtype) -> jax.Array:
     """A Lazy tensor -> a jax.Array laid out by `sharding`, reading from the checkpoint only the
     regions of the shards this process's devices hold (each distinct region once; replicated
-    copies share it). A shard bigger than CHUNK_BYTES is filled in place piece by piece (a donated
-    dynamic_update_slice), so the host never holds more than one piece: a host's peak is its own
-    shards plus CHUNK_BYTES, never a full tensor."""
+    copies share it). A shard bigger than CHUNK_BYTES (or than the storage's chunks, `lazy.grid`)
+    is filled in place piece by piece (a donated dynamic_update_slice), so the host never holds more
+    than one piece: a host's peak is its own shards plus a piece, never a full tensor."""
     dtype = np.dtype(dtype)
     shape = tuple(lazy.shape)
     by_region: dict = {}
@@ -201,7 +219,7 @@ def place(lazy: Lazy, sharding, dtype) -> jax.Array:
     arrays = []
     for key, devs in by_region.items():
         region = tuple(slice(a, b) for a, b in key)
-        pieces = _chunks(region, dtype.itemsize)
+        pieces = _grid_pieces(region, lazy.grid) if lazy.grid else _chunks(region, dtype.itemsize)
         if len(pieces) == 1:
             host = np.asarray(lazy.part(region)).astype(dtype, copy=False)
             arrays.extend(jax.device_put(host, d) for d in devs)

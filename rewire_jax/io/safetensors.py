@@ -26,9 +26,10 @@ class Lazy:
     """
 
     def __init__(self, shape, dtype, loader: Callable[[], np.ndarray], origin: str = "",
-                 part: Optional[Callable[[tuple], np.ndarray]] = None):
+                 part: Optional[Callable[[tuple], np.ndarray]] = None, grid: Optional[tuple] = None):
         self.shape, self.dtype, self._loader, self.origin = tuple(shape), np.dtype(dtype), loader, origin
         self._part = part
+        self.grid = grid   # the storage's chunk shape, when reads are cheapest chunk by chunk
 
     def load(self) -> np.ndarray:
         out = self._loader()
