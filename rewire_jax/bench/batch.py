@@ -8,7 +8,10 @@ Per model and batch size B (B distinct prompts of 64-184 tokens, `--new-tokens` 
 row is timed on its second run, compile time apart): rewire_jax baseline and rewired (paper
 defaults) `generate`, total new tokens per second and the optimise / prefill / decode split; HF
 `generate` on the same prompts (left-padded batch; `--skip-hf` skips it); the distinct experts hit
-per MoE layer per decode step (mean over steps and layers) next to the timings.
+per MoE layer per decode step (mean over steps and layers) next to the timings; and the decode
+roofline: the bytes a step must read (weights other than the embedding table, the distinct experts
+hit, each row's KV over its context) at the memory bandwidth measured in the same run, i.e. the
+tokens/s a memory-bound decode cannot exceed, and so the largest batch-B / batch-1 ratio possible.
 
 Routing like real text: the demo model continues real code (held-out stdlib modules) greedily,
 so its decode routes as on text; a random-weight model's greedy continuation collapses into a
@@ -86,6 +89,59 @@ def distinct_experts(model, prompts, tokens) -> float:
     return float(np.mean(counts)) if counts else float("nan")
 
 
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache per context token per row, all layers (from the prefill's cache layout)."""
+    import jax
+    import jax.numpy as jnp
+    from rewire_jax.generation.decode import prefill
+    cfg = model.config
+    toks = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    lens = jax.ShapeDtypeStruct((1,), jnp.int32)
+    deltas = jax.ShapeDtypeStruct((1, *cfg.delta_shape), jnp.float32)
+    _, cache, _ = jax.eval_shape(lambda p, t, l, d: prefill(p, t, l, d, cfg, 16), model.params, toks, lens, deltas)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) // 16
+
+
+def decode_step_bytes(model, distinct: float, mean_context: float, batch: int) -> dict:
+    """The bytes one decode step must read at least: every weight but the embedding table and the
+    routed experts (attention, routers, norms, shared experts, LM head), `distinct` routed experts per
+    MoE layer, and each row's KV cache over its context (a lower bound: static shapes read the
+    window bucket, not the exact context)."""
+    import jax
+    from rewire_jax.model.weights import Weight, declarations
+    cfg = model.config
+    flat = jax.tree_util.tree_flatten_with_path(declarations(cfg), is_leaf=lambda x: isinstance(x, Weight))[0]
+    dense = expert = 0
+    for (path, w), leaf in zip(flat, jax.tree.leaves(model.params)):
+        name = jax.tree_util.keystr(path)
+        nbytes = leaf.size * leaf.dtype.itemsize
+        if "experts" in w.axes[:-1]:    # routed experts [.., E, ..] (the router's E is its last axis)
+            expert += nbytes            # all routed experts of all MoE layers
+        elif "embed" not in name or cfg.tie_word_embeddings:
+            dense += nbytes
+    per_expert_layer = expert / (cfg.num_experts * cfg.num_moe_layers)
+    weights = dense + distinct * cfg.num_moe_layers * per_expert_layer
+    kv = batch * mean_context * kv_bytes_per_token(model)
+    return {"weights": float(weights), "kv": float(kv), "total": float(weights + kv)}
+
+
+def stream_bandwidth(mb: int = 512, repeats: int = 5) -> float:
+    """Bytes/s XLA reads on this machine: a jitted sum over an `mb` MB fp32 array, best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((mb << 18,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+    return x.nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def hf_batch(path: str, prompts, n: int, sample: bool, seed: int = 0) -> float:
     """HF generate on the batch (left padding), n new tokens per row -> seconds (warm: second run)."""
     import torch
@@ -146,6 +202,8 @@ def model_rows(name: str, batches, n: int, skip_hf: bool, rewired_max: int, seed
                 row["distinct_experts"] = distinct_experts(model, prompts, r.tokens)
                 row["top_k"] = model.config.num_experts_per_tok
                 row["experts"] = model.config.num_experts
+                mean_ctx = float(np.mean([len(p) for p in prompts])) + n / 2
+                row["step_bytes"] = decode_step_bytes(model, row["distinct_experts"], mean_ctx, B)
             print(f"  {name} B={B} {label}: {row[label]['tok_s']:.0f} tok/s ({t['total']:.2f} s: optimise "
                   f"{t['optimise']:.2f} prefill {t['prefill']:.2f} decode {t['decode']:.2f})", flush=True)
         if not skip_hf:
@@ -200,7 +258,16 @@ def queue_rows(name: str, n_prompts: int, batch: int, max_new: int, rewired: boo
     return out
 
 
+def roofline(result: dict) -> None:
+    """Each row's decode roofline: tokens/s if a step cost only its bytes at the measured bandwidth."""
+    bw = result.get("bandwidth")
+    for r in result["rows"]:
+        if bw and "step_bytes" in r:
+            r["roofline_decode_tok_s"] = r["batch"] * bw / r["step_bytes"]["total"]
+
+
 def report(result: dict) -> None:
+    roofline(result)
     print()
     print("| model | batch | baseline tok/s | decode tok/s | rewired tok/s | rewired: optimise / prefill / decode s "
           "| HF generate tok/s | baseline / HF | distinct experts per layer per step |")
@@ -224,6 +291,16 @@ def report(result: dict) -> None:
             if r.get("rewired") and one.get("rewired"):
                 line += f", rewired {r['rewired']['tok_s'] / one['rewired']['tok_s']:.2f}x"
             print(line)
+            if "roofline_decode_tok_s" in r and "roofline_decode_tok_s" in one:
+                print(f"  decode roofline at {result['bandwidth'] / 1e9:.1f} GB/s (bytes a step must read: weights of "
+                      f"the distinct experts hit + KV): batch 1 {one['roofline_decode_tok_s']:.0f} tok/s "
+                      f"({one['step_bytes']['total'] / 1e6:.1f} MB/step), batch {B} "
+                      f"{r['roofline_decode_tok_s']:.0f} tok/s ({r['step_bytes']['weights'] / 1e6:.1f} MB weights + "
+                      f"{r['step_bytes']['kv'] / 1e6:.1f} MB KV per step): at most "
+                      f"{r['roofline_decode_tok_s'] / one['roofline_decode_tok_s']:.2f}x batch 1 at the roofline; "
+                      f"measured decode at {r['baseline']['decode_tok_s'] / r['roofline_decode_tok_s']:.0%} "
+                      f"(batch {B}) and {one['baseline']['decode_tok_s'] / one['roofline_decode_tok_s']:.0%} "
+                      f"(batch 1) of it")
     for q in result.get("queue", []):
         print(f"queue ({q['model']}, {'rewired' if q['rewired'] else 'baseline'}, {q['prompts']} prompts, batch "
               f"{q['batch']}): {q['queue_tok_s']:.0f} vs lock-step {q['lockstep_tok_s']:.0f} useful tok/s = "
@@ -249,6 +326,8 @@ def run(a, json_path=None) -> dict:
     result: dict = {"rows": [], "queue": [], "args": vars(a)}
     if hasattr(os, "getloadavg"):
         result["loadavg_start"] = os.getloadavg()
+    result["bandwidth"] = stream_bandwidth()
+    print(f"memory bandwidth (jitted sum over 512 MB): {result['bandwidth'] / 1e9:.1f} GB/s", flush=True)
     for m in a.models:
         n = a.new_tokens if m == "demo" else a.olmoe_new_tokens
         rmax = a.rewired_max_batch if m == "demo" else a.olmoe_rewired_max_batch
