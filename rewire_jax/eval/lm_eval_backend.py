@@ -19,8 +19,9 @@ for the baseline):
 - loglikelihood: with `loglikelihood_rewire` (default: `rewire`) one phase on the context (what
   generation runs on a prompt), then the continuation is scored teacher-forced with those deltas
   (no further phase inside the continuation); otherwise the plain model. `eval.lm_eval_scoring`.
-- loglikelihood_rolling: lm-eval's disjoint rolling windows, each conditioned on one token: there
-  is no context to optimise on, so these scores are the plain model's whatever `rewire` says.
+- loglikelihood_rolling: lm-eval's disjoint rolling windows (max_length tokens each), scored by the
+  plain model whatever `rewire` says: a perplexity has no prompt to optimise on, and optimising on
+  the scored text itself would leak the targets.
 """
 from __future__ import annotations
 
@@ -232,7 +233,8 @@ class RewireLM(TemplateLM):
         rewire = self.loglikelihood_rewire if rewire is None else rewire
         params = prepare_params(self.model.params, self.model.config)
         cfg = self.model.config
-        deltas = context_deltas(params, cfg, self.rewire_options, contexts, self.batch_size) if rewire else None
+        deltas = context_deltas(params, cfg, self.rewire_options, contexts, self.batch_size) \
+            if rewire and self.rewire_options.enabled else None   # selection='none' is the baseline
         out = score_sequences(params, cfg, seqs, n_cont, deltas, self.batch_size)
         for (key, _, _), res in zip(requests, out):
             if key is not None:
@@ -240,7 +242,8 @@ class RewireLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each text's total log-likelihood over lm-eval's disjoint rolling windows (max_length)."""
+        """Each text's total log-likelihood over lm-eval's disjoint rolling windows (max_length),
+        never rewired (see the module doc)."""
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
             for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
