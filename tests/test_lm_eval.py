@@ -184,7 +184,7 @@ def test_cli_lm_eval_subprocess():
     env = {**os.environ, **OFFLINE, "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-m", "rewire_jax.cli", "lm-eval", "--include_path", str(TASKS),
                         "--tasks", "rewire_demo_mc", "--model", "rewire-jax", "--model_args",
-                        "rewire=false,steps=1,dtype=float32", "--limit", "2"],
+                        "rewire=false,steps=1,dtype=float32,batch_size=2", "--limit", "2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "|rewire_demo_mc|" in r.stdout.replace(" ", "") and "acc" in r.stdout, r.stdout

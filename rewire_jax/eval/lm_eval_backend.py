@@ -125,6 +125,17 @@ class RewireLM(TemplateLM):
         self.add_bos_token = None if add_bos_token is None else _as_bool("add_bos_token", add_bos_token)
         self._generate = generate_backend(model, batch_size=self.batch_size)
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "RewireLM":
+        """lm-eval's constructor path; model_args win over the CLI's batch_size / device (lm-eval
+        always passes its default batch_size=1, which would otherwise clash with model_args')."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "RewireLM":
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
     # --- tokenization and lm-eval's properties ------------------------------------------------
     @property
     def eot_token_id(self) -> int:
@@ -285,9 +296,9 @@ model_args: pretrained (model directory or hub id; default: the bundled demo mod
 (true/false: rewire generate_until, and loglikelihood unless loglikelihood_rewire=false: one phase
 on the context, then the continuation scored with those deltas), any RewireOptions field (steps,
 interval, lr, weight_decay, eps, selection, ratio, soft_mode, confidence, loss, persist_optimizer,
-continuous, last_k), seed, dtype, dispatch, revision, max_length, max_gen_toks, add_bos_token. Give
-the batch size with --batch_size (lm-eval passes it to every model). Everything after `lm-eval` goes
-to lm-eval unchanged; its `run` help follows.
+continuous, last_k), seed, dtype, dispatch, revision, max_length, max_gen_toks, add_bos_token,
+batch_size (rows per batch; wins over --batch_size). Everything after `lm-eval` goes to lm-eval
+unchanged; its `run` help follows.
 """
 
 
