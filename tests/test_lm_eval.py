@@ -25,8 +25,9 @@ from rewire_jax.model.transformer import prepare_params  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "fixtures" / "lm_eval"
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-# tiny budgets: two Adam steps per phase, a phase every 4 generated tokens
-OPTS = dict(steps=2, interval=4)
+# tiny budgets: two Adam steps per phase, a phase every 4 generated tokens; lr 1.0 so that the
+# deltas change the demo model's greedy text (checked below)
+OPTS = dict(steps=2, interval=4, lr=1.0)
 LL = [("import os\nimport", " sys"), ("class Foo(object):\n    def __init__(self", "):\n        pass"),
       ("for i in", " range("), ("", "import os")]
 
@@ -143,25 +144,30 @@ def test_loglikelihood_rolling(lm, model):
     assert got8 != pytest.approx(got)   # the second window sees less context
 
 
-GEN = [("import os\nimport", {"until": ["\n"], "max_gen_toks": 6}),
-       ("def main(", {"max_gen_toks": 6, "do_sample": False})]
+# the first two docs of tests/fixtures/lm_eval/demo_gen.json with its generation_kwargs (the
+# simple_evaluate test below then reuses these compiled programs)
+GEN = [("import os\nimport", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
+       ("    return self.", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False})]
 
 
-@pytest.mark.parametrize("rewire", [True, False], ids=["rewired", "baseline"])
-def test_generate_until_equals_generate(lm, model, rewire):
-    """generate_until (batched queue, per-row stops and budgets, a phase every 4 tokens) ==
-    rewire_jax.generate on the same prompts and options, its text cut at the first stop string."""
-    gen_lm = lm if rewire else RewireLM(model=model, batch_size=2, rewire=False)
-    got = gen_lm.generate_until([_req("generate_until", g, i) for i, g in enumerate(GEN)])
+def test_generate_until_equals_generate(lm, model):
+    """generate_until (batched queue, per-row stops and budgets, a phase every 4 tokens), rewired and
+    not == rewire_jax.generate on the same prompts and options, its text cut at the first stop."""
     ids = [lm.tok_encode(p) for p, _ in GEN]
-    res = rewire_jax.generate(model, ids, 6, rewire=lm.rewire_options if rewire else None)
-    assert len(res.phases) == (2 if rewire else 0)   # on the prompt, and again after 4 tokens
-    stopped = []
-    for (p, kw), toks, text in zip(GEN, res.tokens, got):
-        want, cut = truncate_at_stop(lm.tokenizer.decode(toks, skip_special_tokens=True), kw.get("until", []))
-        assert text == want
-        stopped.append(cut)
-    assert stopped == [True, False]   # the stop string cut the first row; the second ran to its budget
+    texts = {}
+    for rewire in (True, False):
+        gen_lm = lm if rewire else RewireLM(model=model, batch_size=2, rewire=False)
+        got = gen_lm.generate_until([_req("generate_until", g, i) for i, g in enumerate(GEN)])
+        res = rewire_jax.generate(model, ids, 6, rewire=lm.rewire_options if rewire else None)
+        assert len(res.phases) == (2 if rewire else 0)   # on the prompt, and again after 4 tokens
+        stopped = []
+        for (p, kw), toks, text in zip(GEN, res.tokens, got):
+            want, cut = truncate_at_stop(lm.tokenizer.decode(toks, skip_special_tokens=True), kw["until"])
+            assert text == want
+            stopped.append(cut)
+        assert stopped == [True, False]   # the stop string cut the first row; the second ran to its budget
+        texts[rewire] = got
+    assert texts[True][1] != texts[False][1]   # the rewiring reached the generated text
 
 
 def test_simple_evaluate_local_tasks(lm):
