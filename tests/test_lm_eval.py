@@ -176,7 +176,7 @@ def test_simple_evaluate_local_tasks(lm):
     from lm_eval.utils import make_table
 
     out = lm_eval.simple_evaluate(model=lm, tasks=["rewire_demo_mc", "rewire_demo_gen"], limit=2,
-                                  task_manager=TaskManager(include_path=str(TASKS)))
+                                  task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
     res = out["results"]
     assert 0.0 <= res["rewire_demo_mc"]["acc,none"] <= 1.0
     assert 0.0 <= res["rewire_demo_gen"]["exact_match,none"] <= 1.0
