@@ -79,7 +79,8 @@ def add_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=16, help="rows per generate call (sc:k: k rows per problem)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", default="", help="N for every task, or TASK=N,... (default: per task)")
-    e.add_argument("--icl-source", default="", help="TASK=FILE,...: demonstrations for icl:K from a local file")
+    e.add_argument("--icl-source", default="", help="TASK=FILE,...: demonstrations for icl:K from a local "
+                   "file (shift:K reads the other tasks' entries, e.g. math500=FILE,mmlu_redux=FILE for a code task)")
     e.add_argument("--c3po-reference", default="", help="DIR (every task) or TASK=DIR,...: the C3PO reference "
                    "set of the c3po methods (built by `eval c3po-reference`)")
     e.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
