@@ -94,7 +94,8 @@ class RewireLM(TemplateLM):
     generation batch and per scoring / optimisation batch. max_length: longest input (default the
     model's max_position_embeddings); max_gen_toks: default generation budget. add_bos_token: None
     (the tokenizer's default special tokens) or a bool. device: JAX places arrays on its default
-    backend (JAX_PLATFORMS); the argument is accepted for lm-eval's CLI and otherwise ignored.
+    backend (JAX_PLATFORMS); the argument is accepted for lm-eval's CLI and otherwise ignored, as is
+    trust_remote_code (rewire-jax runs no checkpoint code).
     """
 
     def __init__(self, pretrained: Optional[str] = None, rewire: Any = True, loglikelihood_rewire: Any = None,
