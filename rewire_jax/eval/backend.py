@@ -2,6 +2,7 @@
 
     backend = generate_backend(model)
     outs = backend(requests, rewire=RewireOptions() | None, sampling=Sampling(...), seed=123)
+    outs = backend(requests, rewire=None, sampling=..., seed=..., route=RouteOverride)   # C3PO, per request
 
 Each Request is one row (a prompt as token ids, its own token budget and stop strings). The rows
 go through `rewire_jax.generate_queue` (each row its own deltas, phase schedule and budget): a row
@@ -88,19 +89,20 @@ def generate_backend(model, batch_size: Optional[int] = None, lockstep: bool = F
     """The backend over `rewire_jax.generate_queue` (or one lock-step `generate` batch per call)."""
 
     def run(requests: Sequence[Request], rewire: Optional[RewireOptions], sampling: Sampling,
-            seed: int) -> list[Completion]:
+            seed: int, route=None) -> list[Completion]:
+        """route: None, or a routing override with one row per request (model.moe.RouteOverride)."""
         t0 = time.perf_counter()
         prompts = [list(r.ids) for r in requests]
         if lockstep:
             res = generate(model, prompts, max(r.max_new_tokens for r in requests), rewire=rewire,
-                           sampling=sampling, seed=seed)
+                           sampling=sampling, seed=seed, route=route)
             tokens = res.tokens
             phases_of = lambda b: [{"context_len": int(p.context_len[b]), "loss_before": float(p.loss_before[b]),
                                     "loss_after": float(p.loss_after[b])} for p in res.phases if p.context_len[b] > 0]
         else:
             res = generate_queue(model, prompts, [r.max_new_tokens for r in requests],
                                  batch_size=batch_size or len(requests), rewire=rewire, sampling=sampling,
-                                 seed=seed, stops=[list(r.stops) for r in requests])
+                                 seed=seed, stops=[list(r.stops) for r in requests], route=route)
             tokens = res.tokens
             phases_of = lambda b: [{k: p[k] for k in ("context_len", "loss_before", "loss_after")}
                                    for p in res.phases[b]]

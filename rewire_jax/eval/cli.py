@@ -6,6 +6,7 @@
     rewire-jax eval merge --out DIR RUN_DIR_OR_FILE ...
     rewire-jax eval report RUN_DIR [--embed-model DIR]
     rewire-jax eval plot RUN_DIR --kind context-shift|interval --out FIG.png
+    rewire-jax eval c3po-reference --task humaneval --max-refs 100 --out REF_DIR   (then --c3po-reference REF_DIR)
 """
 from __future__ import annotations
 

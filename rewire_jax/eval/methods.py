@@ -6,6 +6,7 @@
     parse_method("rewire[selection=last_k,last_k=5]")   # any RewireOptions field, typed by its default
     parse_method("rewire:selection=hard,ratio=0.25")    # the same options in the colon form
     parse_method("shift:2+rewire")                # 2 demonstrations from OTHER tasks (context shift)
+    parse_method("c3po[variant=released,k=3]")    # C3PO re-mixed routing (eval/c3po.py: C3POOptions)
 
 sc:k draws k sampled paths per problem (temperature/top-p of the run) and aggregates them (majority
 vote, or pass@k for code). sc:k+rewire puts the k copies of the prompt in ONE batch: the first
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from rewire_jax import RewireOptions
 
@@ -29,6 +30,7 @@ class Method:
     sc: int = 0                               # 0: one greedy sample; k: k sampled paths
     rewire: Optional[RewireOptions] = None    # None: no optimisation (deltas stay 0)
     shift: int = 0                            # demonstrations from other tasks (tasks.SHIFT_TASKS)
+    c3po: Optional[Any] = None                # eval.c3po.C3POOptions: C3PO re-mixed routing (not with rewire)
 
     @property
     def samples(self) -> int:
@@ -60,7 +62,7 @@ def parse_method(spec: str, base: RewireOptions = RewireOptions()) -> Method:
     """Parse 'baseline' | parts joined by '+': 'icl:K', 'shift:K', 'sc:K', 'rewire', 'rewire[k=v,...]' or
     'rewire:k=v,...' (the colon form; the same options)."""
     counts = {"icl": 0, "sc": 0, "shift": 0}
-    rewire = None
+    rewire = c3po = None
     parts = re.findall(r"[^+\[]+(?:\[[^\]]*\])?", spec.strip())
     if not parts or "+".join(parts) != spec.strip():
         raise ValueError(f"bad method {spec!r}")
@@ -73,6 +75,10 @@ def parse_method(spec: str, base: RewireOptions = RewireOptions()) -> Method:
             counts[m.group(1)] = k
         elif part == "baseline":
             pass
+        elif re.fullmatch(r"c3po(?:\[.*\]|:.+)?", part):
+            from .c3po import parse_options
+            inner = re.fullmatch(r"c3po(?:\[(.*)\]|:(.+))?", part)
+            c3po = parse_options(inner.group(1) or inner.group(2) or "")
         elif part.startswith("rewire"):
             inner = re.fullmatch(r"rewire(?:\[(.*)\]|:(.+))?", part)
             if inner is None:
@@ -87,4 +93,6 @@ def parse_method(spec: str, base: RewireOptions = RewireOptions()) -> Method:
         raise ValueError(f"{spec!r}: icl:K (aligned) and shift:K (shifted demonstrations) exclude each other")
     if spec.strip() == "baseline" or rewire is None or not rewire.enabled:
         rewire = None
-    return Method(spec.strip(), icl, sc, rewire, shift=shift)
+    if c3po is not None and rewire is not None:
+        raise ValueError(f"{spec!r}: c3po and rewire cannot be combined (both set the routing)")
+    return Method(spec.strip(), icl, sc, rewire, shift=shift, c3po=c3po)

@@ -113,6 +113,7 @@ class EvalConfig:
     icl_sources: dict = dataclasses.field(default_factory=dict)
     sandbox_timeout: float = 10.0
     workers: int = 0
+    c3po_reference: Optional[dict] = None    # c3po methods: task (or '*') -> reference directory
 
     def fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
@@ -176,7 +177,7 @@ def run_eval(model, tasks: dict, methods: Sequence[str], out_dir, cfg: EvalConfi
     total = sum(len(b) * m.samples for _, m, _, b, _ in work)
     bar = tqdm(total=total, initial=min(len(done), total), desc="eval", unit="sample", disable=not progress,
                dynamic_ncols=True)
-    ran = 0
+    ran, c3po_engines = 0, {}
     for task, m, pool, probs, bi in work:
         keys = [(task.name, m.name, p["id"], s) for p in probs for s in range(m.samples)]
         if all(k in done for k in keys):
@@ -189,10 +190,19 @@ def run_eval(model, tasks: dict, methods: Sequence[str], out_dir, cfg: EvalConfi
                 for t in prompts for _ in range(m.samples)]
         sampling = Sampling(cfg.sc_temperature, 0, cfg.sc_top_p) if m.sc else Sampling()
         seed = batch_seed(cfg.seed, task.name, m.name, probs[0]["id"])
-        outs = backend(reqs, rewire=m.rewire, sampling=sampling, seed=seed)
+        route = c3po_info = None
+        if m.c3po is not None:   # C3PO: the re-mixed routing of each prompt (eval/c3po.py)
+            from . import c3po as c3po_lib
+            route, c3po_info = c3po_lib.plan_requests(model, m.c3po, task.name, cfg.c3po_reference, prompts, reqs,
+                                                      m.samples, c3po_engines)
+        extra = {} if route is None else {"route": route}
+        outs = backend(reqs, rewire=m.rewire, sampling=sampling, seed=seed, **extra)
         rows = [p for p in probs for _ in range(m.samples)]
         scores = task.score(rows, [o.text for o in outs], chat, limits, cfg.workers)
-        recs = [r for r in _records(task, m, probs, prompts, outs, scores, seed, bi) if record_key(r) not in done]
+        recs = _records(task, m, probs, prompts, outs, scores, seed, bi)
+        if c3po_info is not None:
+            c3po_lib.annotate(recs, c3po_info, m.samples)
+        recs = [r for r in recs if record_key(r) not in done]
         append_records(path, recs)
         done.update(record_key(r) for r in recs)
         bar.update(len(recs))

@@ -30,12 +30,14 @@ class DecodeState(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "reduction", "dispatch"))
 def prefill(params, tokens, lengths, deltas, cfg: ModelConfig, cache_len: int, reduction: Optional[str] = "mean",
-            dispatch: Optional[str] = None):
+            dispatch: Optional[str] = None, route=None):
     """tokens [B, T] right-padded -> (next logits [B, V], cache ([repeats, B, cache_len, ...] leaves),
     context loss [B] under these deltas, or None with reduction=None: then the LM head runs on the
-    last token of each sequence only)."""
+    last token of each sequence only). route: None or a routing override (model.moe.RouteOverride,
+    [B, ...] arrays)."""
     B, T = tokens.shape
-    x, rows, _ = run_layers(params, embed(params, tokens, cfg), positions_for(tokens), deltas, cfg, dispatch=dispatch)
+    x, rows, _ = run_layers(params, embed(params, tokens, cfg), positions_for(tokens), deltas, cfg, dispatch=dispatch,
+                            route=route)
     pad = lambda a: jnp.zeros(a.shape[:2] + (cache_len,) + a.shape[3:], a.dtype).at[:, :, :T].set(a)
     cache = jax.tree.map(pad, rows)
     if reduction is None:
@@ -50,7 +52,7 @@ def prefill(params, tokens, lengths, deltas, cfg: ModelConfig, cache_len: int, r
                    donate_argnames=("state", "cache"))
 def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: ModelConfig,
            sampling: Sampling, max_steps: int, window: Optional[int] = None, dispatch: Optional[str] = None,
-           stop_on_any: bool = False):
+           stop_on_any: bool = False, route=None):
     """Generate up to `max_steps` tokens per sequence (fewer once every sequence is done).
 
     eos_ids [n_eos] int32 (may be empty); max_new [] or [B] int32: per-sequence total budget.
@@ -59,6 +61,8 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
     window: attend over the first `window` cache rows only (static; the caller guarantees that
     every position written in this call is < window): attention and KV traffic scale with the
     context reached, not the cache size. None: the whole cache.
+    route: None or a routing override (model.moe.RouteOverride, [B, ...] arrays); it acts on every
+    token fed whose position is >= its start (a generated token's position: its row in buf).
     -> (state, cache). The cache always holds K/V for every token in buf except the last sampled one.
     """
     full = cache
@@ -95,7 +99,7 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
         # feed the new token (finished rows feed a dummy at a clamped position; ignored)
         positions = pos[:, None]
         x, cache, _ = run_layers(params, embed(params, tok[:, None], cfg), positions, deltas, cfg, cache=cache,
-                                 dispatch=dispatch)
+                                 dispatch=dispatch, route=route)
         # rows that were done keep their logits (a row the queue resumes needs its own, not the dummy's)
         logits = jnp.where(live[:, None], head(params, x, cfg)[:, 0], st.logits)
         return step + 1, DecodeState(buf, lengths, logits, done, num_new, key), cache

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..api import Model, check_token_ids
 from ..rewire import RewireOptions, bucket_length, run_phase, start_cycle
-from ..model.transformer import prepare_params
+from ..model.transformer import batched_route, prepare_params
 from .decode import DecodeState, decode, prefill
 from .sampling import Sampling
 
@@ -74,8 +74,8 @@ def _prompts_to_ids(model: Model, prompts) -> list[list[int]]:
 def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Optional[RewireOptions] = None,
              sampling: Sampling = Sampling(), seed: int = 0, deltas=None, eos_token_id: Any = "config",
              cache_len: Optional[int] = None, on_segment: Optional[Callable[[int, list[list[int]]], None]] = None,
-             on_phase: Optional[Callable[[PhaseRecord], None]] = None, dispatch: Optional[str] = None
-             ) -> GenerationResult:
+             on_phase: Optional[Callable[[PhaseRecord], None]] = None, dispatch: Optional[str] = None,
+             route=None) -> GenerationResult:
     """Generate with (or, rewire=None / selection='none', without) test-time rerouting.
 
     prompts: a string, a list of token ids, or a list of either (a batch; lengths may differ).
@@ -85,6 +85,8 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     on_segment(row_count, new_tokens_so_far) is called after every decoded segment (streaming);
     on_phase(record) after every optimisation phase.
     dispatch: expert dispatch path for this call (default: model.config.dispatch).
+    route: None, or a routing override (`rewire_jax.model.moe.RouteOverride`, one for all rows or
+    [B, ...] arrays) used in every prefill and decode step (C3PO; not combined with rewiring).
     A prompt + max_new_tokens longer than the model's max_position_embeddings runs, with a warning.
     """
     cfg = model.config
@@ -95,6 +97,9 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     opts = rewire if (rewire is not None and rewire.enabled) else None
     B, longest = len(ids), max(len(p) for p in ids)
+    if route is not None and opts is not None:
+        raise ValueError("a routing override (route=) and rewiring (rewire=) cannot be combined")
+    route = batched_route(route, B, cfg)
     needed = longest + max_new_tokens
     if cache_len is None:
         cache_len = bucket_length(needed)
@@ -146,7 +151,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                                      np.asarray(out.scores), np.asarray(out.weights), t1 - t0, 0.0)
             t0 = time.perf_counter()
             logits, cache, loss_after = prefill(params, ctx, state.lengths, cycle.deltas, cfg, cache_len,
-                                               opts.loss if opts else None, dispatch)
+                                               opts.loss if opts else None, dispatch, route)
             logits.block_until_ready()
             timing["prefill"] += time.perf_counter() - t0
             state = state._replace(logits=logits)
@@ -159,7 +164,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
         t0 = time.perf_counter()
         window = bucket_length(int(np.asarray(state.lengths).max()) + segment, cap=cache_len)
         state, cache = decode(params, state, cache, cycle.deltas, eos_arr, jnp.int32(max_new_tokens), cfg,
-                              sampling, segment, window, dispatch)
+                              sampling, segment, window, dispatch, route=route)
         jax.block_until_ready(state.num_new)
         timing["decode"] += time.perf_counter() - t0
         if on_segment:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..api import Model, check_token_ids
-from ..model.transformer import prepare_params
+from ..model.transformer import batched_route, prepare_params
 from ..rewire import CycleState, RewireOptions, bucket_length, run_phase
 from ..rewire.selection import init_opt_state
 from ..model import batched_deltas
@@ -174,14 +174,17 @@ def _find_stop(text: str, stops: Sequence[str]) -> int:
 def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int = 16,
                    rewire: Optional[RewireOptions] = None, sampling: Sampling = Sampling(), seed: int = 0,
                    deltas=None, eos_token_id: Any = "config", stops=None, cache_len: Optional[int] = None,
-                   dispatch: Optional[str] = None, on_finish=None) -> QueueResult:
+                   dispatch: Optional[str] = None, on_finish=None, route=None) -> QueueResult:
     """Generate for any number of prompts through a batch of `batch_size` rows kept full.
 
     prompts: strings or token-id lists. max_new_tokens: an int or one per prompt. stops: None, a
     list of stop strings for all prompts, or one list per prompt (needs the model's tokenizer): a
     sequence ends at the token that completes a stop string (its tokens are cut after that token,
     its text before the stop string). deltas: initial deltas [L_moe, E] for every sequence (default
-    zeros). on_finish(prompt_index, tokens) is called as each sequence ends.
+    zeros). on_finish(prompt_index, tokens) is called as each sequence ends. route: None, or a
+    routing override (`rewire_jax.model.moe.RouteOverride`) with one row per prompt ([n, ...] arrays,
+    or unbatched for all): a row takes its prompt's override with the prompt (C3PO; not combined
+    with rewiring).
     Sampling (temperature > 0) draws from one key stream per queue run: seeded, but a sequence's
     samples depend on its neighbours; greedy decoding does not.
     """
@@ -199,6 +202,10 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
     if any(stops) and model.tokenizer is None:
         raise ValueError("stop strings need the model's tokenizer")
     opts = rewire if (rewire is not None and rewire.enabled) else None
+    if route is not None and opts is not None:
+        raise ValueError("a routing override (route=) and rewiring (rewire=) cannot be combined")
+    route_np = None if route is None else \
+        type(route)(*(np.asarray(a) for a in batched_route(route, n, cfg)))   # per prompt, on the host
     B = max(1, min(int(batch_size), n))
     needed = max(len(p) + b for p, b in zip(ids, budgets))
     S = bucket_length(needed) if cache_len is None else cache_len
@@ -227,6 +234,10 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
     cache = None
     key = jax.random.key(seed)
     fresh_one = init_opt_state(o, d0[None])
+    route_all = None   # per row: its prompt's override (empty rows: alpha 1, the model's own routing)
+    if route_np is not None:
+        route_all = type(route_np)(jnp.zeros((B, *cfg.delta_shape), jnp.float32),
+                                   jnp.ones((B, cfg.num_moe_layers), jnp.float32), jnp.zeros(B, jnp.int32))
 
     out_tokens: list = [None] * n
     out_deltas: list = [None] * n
@@ -239,7 +250,7 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
     pending = set()          # rows whose sequence needs a phase / prefill before decoding on
 
     def refill(rows):
-        nonlocal next_prompt, d_all, opt_all
+        nonlocal next_prompt, d_all, opt_all, route_all
         filled = []
         for r in rows:
             if next_prompt >= n:
@@ -259,6 +270,10 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
             m = len(idx)
             d_all = _put(d_all, jnp.broadcast_to(d0, (m, *cfg.delta_shape)) + 0.0, idx)
             opt_all = _put(opt_all, jax.tree.map(lambda a: jnp.broadcast_to(a, (m,) + a.shape[1:]), fresh_one), idx)
+            if route_all is not None:
+                which = [int(row_prompt[r]) for r in filled]
+                which += [which[0]] * (m - len(which))
+                route_all = _put(route_all, type(route_np)(*(jnp.asarray(a[which]) for a in route_np)), idx)
 
     def run_pending():
         nonlocal d_all, opt_all, logits, cache
@@ -292,7 +307,9 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
                 stats["phase_rows"] += len(rows)
                 stats["phase_rows_padded"] += m
             t0 = time.perf_counter()
-            lg, c_sub, loss_after = prefill(params, ctx, lens, d_sub, cfg, S, opts.loss if opts else None, dispatch)
+            r_sub = None if route_all is None else _take(route_all, gi)
+            lg, c_sub, loss_after = prefill(params, ctx, lens, d_sub, cfg, S, opts.loss if opts else None, dispatch,
+                                            r_sub)
             logits = _put(logits, lg, pi)
             cache = jax.tree.map(lambda a: jnp.zeros(a.shape[:1] + (B,) + a.shape[2:], a.dtype), c_sub) \
                 if cache is None else cache
@@ -341,7 +358,7 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
                             jnp.asarray(num_new), key)
         t0 = time.perf_counter()
         state, cache = decode(params, state, cache, d_all, eos_arr, jnp.asarray(stop_at), cfg, sampling,
-                              step_cap, window, dispatch, stop_on_any=True)
+                              step_cap, window, dispatch, stop_on_any=True, route=route_all)
         new_num = np.asarray(state.num_new)
         timing["decode"] += time.perf_counter() - t0
         steps = int((new_num - num_new)[live].max(initial=0))

@@ -102,3 +102,53 @@ def route(logits, cfg, correction_bias=None):
     if cfg.router.routed_scaling_factor != 1.0:
         weights = weights * cfg.router.routed_scaling_factor
     return weights, idx.astype(jnp.int32)
+
+
+# -- routing from given per-expert scores (a routing override: C3PO re-mixing, rewire_jax/eval/c3po.py) --
+#
+# A router's *pathway* at a token is the per-expert score vector [E] that its top-k chooses from:
+#   softmax_topk (OLMoE, Qwen2/3-MoE, Mixtral), group_limited (DeepSeek-V2), topk_softmax (gpt-oss):
+#       p = softmax(z~) over all E (for gpt-oss the top-k of p is the top-k of z~, and p at the
+#       chosen k renormalised is its softmax over the k chosen logits);
+#   sigmoid_group (DeepSeek-V3): s = sigmoid(z~) (not a distribution; the correction bias is not in it).
+# `route_scores` applies the router's own selection rule to such a vector (possibly re-mixed:
+# alpha * own + (1 - alpha) * target): group choice (V2: max p per group; V3: top-2 sums of
+# s + correction bias), top-k, then the combine weights are the scores at the chosen k, renormalised
+# where the router renormalises (norm_topk_prob; gpt-oss always), times routed_scaling_factor.
+# route_scores(pathway_scores(z~)) == route(z~) up to rounding (exactly for softmax_topk).
+
+def pathway_scores(logits, cfg):
+    """z~ [N, E] fp32 -> the router's per-expert scores [N, E] fp32 (see above)."""
+    if cfg.router.kind == "sigmoid_group":
+        return jax.nn.sigmoid(logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def route_scores(scores, cfg, correction_bias=None):
+    """scores [N, E] fp32 (pathway_scores, possibly re-mixed) -> (weights [N, k] fp32 incl.
+    routed_scaling_factor, idx [N, k] int32) by the router's own selection rule."""
+    kind, k = cfg.router.kind, cfg.num_experts_per_tok
+    N, E = scores.shape
+    if kind in ("softmax_topk", "topk_softmax"):
+        weights, idx = jax.lax.top_k(scores, k)
+        if kind == "topk_softmax" or cfg.norm_topk_prob:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    elif kind == "group_limited":
+        r = cfg.router
+        group_scores = jnp.max(scores.reshape(N, r.n_group, E // r.n_group), axis=-1)
+        masked = jnp.where(_group_mask(group_scores, r.topk_group, E // r.n_group), scores, 0.0)
+        weights, idx = jax.lax.top_k(masked, k)
+    elif kind == "sigmoid_group":
+        r = cfg.router
+        choice = scores if correction_bias is None else scores + correction_bias.astype(jnp.float32)
+        group_scores = jnp.sum(jax.lax.top_k(choice.reshape(N, r.n_group, E // r.n_group), 2)[0], axis=-1)
+        choice = jnp.where(_group_mask(group_scores, r.topk_group, E // r.n_group), choice, -jnp.inf)
+        _, idx = jax.lax.top_k(choice, k)
+        weights = jnp.take_along_axis(scores, idx, axis=-1)
+        if cfg.norm_topk_prob:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    else:
+        raise ValueError(f"unknown router kind {kind!r}")
+    if cfg.router.routed_scaling_factor != 1.0:
+        weights = weights * cfg.router.routed_scaling_factor
+    return weights, idx.astype(jnp.int32)

@@ -4,7 +4,10 @@ Params are the plain nested dict declared in `weights.py`. Runs of identical dec
 `Stack` of `layer_plan`) execute as one `lax.scan` over their stacked weights, so the traced and
 compiled program does not grow with depth. The router deltas are an explicit input,
 `deltas [B, L_moe, E]`: row r belongs to decoder layer `cfg.moe_layers[r]` and is added to that
-layer's router logits (`moe.moe_block`, the only place a delta enters).
+layer's router logits (`moe.moe_block`, the only place a delta enters). An optional routing
+override `route` (`moe.RouteOverride`: target [B, L_moe, E], alpha [B, L_moe], start [B]; C3PO)
+rides along the deltas the same way (row r to decoder layer `cfg.moe_layers[r]`, scanned or
+unrolled); route=None is today's program, unchanged.
 
 KV cache: a tree shaped like the stacks, `cache[stack][sub][name]` = [repeats, B, S, ...] (GQA:
 'k', 'v' [.., K, D]; MLA: 'latent' [.., R], 'k_pe' [.., Dr]); token t of sequence b lives in row
@@ -22,7 +25,7 @@ import numpy as np
 from . import layers as L
 from .attention import attention
 from .config import ModelConfig
-from .moe import EXPERT_WEIGHTS, dense_mlp, moe_block
+from .moe import EXPERT_WEIGHTS, RouteOverride, dense_mlp, moe_block
 from .sharding import constrain_batch
 from .weights import Stack, layer_plan
 
@@ -49,11 +52,12 @@ def head(params, x, cfg: ModelConfig):
 
 
 def decoder_layer(p, x, positions, delta, cfg: ModelConfig, layer: int, cache=None, kv_valid=None,
-                  dispatch: Optional[str] = None, expert_layer=None):
+                  dispatch: Optional[str] = None, expert_layer=None, route=None):
     """One pre-norm decoder layer. p: that layer's weights (unstacked, except the routed experts'
     when expert_layer indexes their stack); delta [B, E] or None; cache: this layer's cache entry
-    or None. -> (x [B, T, d], new cache rows, aux or None). `layer` is only read for what is
-    static (MoE or dense, the attention window)."""
+    or None; route: None or this layer's routing override (target [B, E], alpha [B], start [B]).
+    -> (x [B, T, d], new cache rows, aux or None). `layer` is only read for what is static (MoE or
+    dense, the attention window)."""
     with jax.named_scope("attention"):
         h, rows = attention(p["attn"], L.rms_norm(x, p["input_norm"], cfg.rms_norm_eps), positions, cfg,
                             cfg.window(layer), cache, kv_valid)
@@ -61,7 +65,11 @@ def decoder_layer(p, x, positions, delta, cfg: ModelConfig, layer: int, cache=No
     y = L.rms_norm(h, p["post_norm"], cfg.rms_norm_eps)
     if cfg.is_moe(layer):
         with jax.named_scope("moe"):
-            y, aux = moe_block(p["mlp"], y, delta, cfg, dispatch, expert_layer)
+            override = None
+            if route is not None:   # the override acts from position start[b] on
+                target, alpha, start = route
+                override = (target, alpha, positions >= start[:, None])
+            y, aux = moe_block(p["mlp"], y, delta, cfg, dispatch, expert_layer, override)
     else:
         with jax.named_scope("mlp"):
             y, aux = dense_mlp(p["mlp"], y), None
@@ -81,7 +89,7 @@ def use_remat(cfg: ModelConfig, n_tokens: int) -> bool:
     return cfg.remat == "layer"
 
 
-def _remat_layer(p, x, positions, delta, kv_valid, expert_layer, cfg, layer, dispatch):
+def _remat_layer(p, x, positions, delta, kv_valid, expert_layer, cfg, layer, dispatch, route=None):
     """decoder_layer, rematerialised: the backward keeps only the layer's inputs and recomputes the
     layer when its output cotangent arrives (same values: same ops). A custom VJP rather than
     jax.checkpoint: the recomputation takes the cotangent through an optimization_barrier, so XLA
@@ -89,8 +97,8 @@ def _remat_layer(p, x, positions, delta, kv_valid, expert_layer, cfg, layer, dis
     jax.checkpoint on unrolled layers: more memory than no remat at all)."""
     inner = cfg.replace(remat="layer")   # attention inside keeps no probabilities either (layers.attend lean)
 
-    def f(p, x, delta, positions, kv_valid, expert_layer):
-        return decoder_layer(p, x, positions, delta, inner, layer, None, kv_valid, dispatch, expert_layer)
+    def f(p, x, delta, positions, kv_valid, expert_layer, route):
+        return decoder_layer(p, x, positions, delta, inner, layer, None, kv_valid, dispatch, expert_layer, route)
 
     @jax.custom_vjp
     def run(p, x, delta, rest):
@@ -105,7 +113,7 @@ def _remat_layer(p, x, positions, delta, kv_valid, expert_layer, cfg, layer, dis
         return (*pull(ct), jax.tree.map(_zero_cotangent, rest))
 
     run.defvjp(run_fwd, run_bwd)
-    return run(p, x, delta, (positions, kv_valid, expert_layer))
+    return run(p, x, delta, (positions, kv_valid, expert_layer, route))
 
 
 def _zero_cotangent(a):
@@ -200,7 +208,7 @@ def _delta_rows(cfg: ModelConfig, st, sub: int):
 
 
 def _run_reps(params_s, cache_s, st, reps: range, subs: range, x, positions, deltas, cfg, kv_valid, dispatch,
-              collect_rows: bool):
+              collect_rows: bool, route=None):
     """Run sub-layers `subs` of repeats `reps` of one stack; a scan over the repeats when more
     than one. -> (x, cache_s, rows {sub: [n_reps, ...]} or None, aux {sub: [n_reps, ...]})."""
     delta_rows = {j: _delta_rows(cfg, st, j) for j in subs}
@@ -220,9 +228,14 @@ def _run_reps(params_s, cache_s, st, reps: range, subs: range, x, positions, del
             with jax.named_scope(f"layer{j}" if st.unit > 1 else "layer"):
                 moe = delta_rows[j] is not None
                 p = params_s[str(j)][rep] if split else _layer_weights(params_s[str(j)], rep, moe)
-                delta = None
+                delta = layer_route = None
                 if moe:
-                    delta = jax.lax.dynamic_index_in_dim(deltas, jnp.asarray(delta_rows[j])[rep], 1, keepdims=False)
+                    row = jnp.asarray(delta_rows[j])[rep]
+                    delta = jax.lax.dynamic_index_in_dim(deltas, row, 1, keepdims=False)
+                    if route is not None:   # this layer's row of the override, like its delta
+                        layer_route = (jax.lax.dynamic_index_in_dim(route.target, row, 1, keepdims=False),
+                                       jax.lax.dynamic_index_in_dim(route.alpha, row, 1, keepdims=False),
+                                       route.start)
                 c = None
                 if cache_s is not None:
                     def c(rows, j=str(j)):   # write the rows into the cache in place, then read the layer
@@ -236,9 +249,11 @@ def _run_reps(params_s, cache_s, st, reps: range, subs: range, x, positions, del
                         return _index(cache_s[j], rep)
                 el = None if split or not moe else rep
                 if c is None and use_remat(cfg, x.shape[0] * x.shape[1]):
-                    x, rows, aux = _remat_layer(p, x, positions, delta, kv_valid, el, cfg, st.layer(0, j), dispatch)
+                    x, rows, aux = _remat_layer(p, x, positions, delta, kv_valid, el, cfg, st.layer(0, j), dispatch,
+                                                layer_route)
                 else:
-                    x, rows, aux = decoder_layer(p, x, positions, delta, cfg, st.layer(0, j), c, kv_valid, dispatch, el)
+                    x, rows, aux = decoder_layer(p, x, positions, delta, cfg, st.layer(0, j), c, kv_valid, dispatch, el,
+                                                 layer_route)
             if collect_rows:
                 rows_out[j] = rows
             if aux is not None:
@@ -257,8 +272,9 @@ def _run_reps(params_s, cache_s, st, reps: range, subs: range, x, positions, del
 
 
 def run_layers(params, x, positions, deltas, cfg: ModelConfig, start: int = 0, stop: Optional[int] = None,
-               cache=None, kv_valid=None, dispatch: Optional[str] = None):
-    """Decoder layers [start, stop) (static). x [B, T, d]; deltas [B, L_moe, E].
+               cache=None, kv_valid=None, dispatch: Optional[str] = None, route: Optional[RouteOverride] = None):
+    """Decoder layers [start, stop) (static). x [B, T, d]; deltas [B, L_moe, E]; route: None or a
+    `RouteOverride` with [B, ...] arrays (see moe.RouteOverride).
 
     -> (x, cache, aux): with `cache` given (decode), the cache with this chunk's rows written in;
     without, the chunk's rows as a cache tree ([repeats, B, T, ...] leaves) when every layer ran
@@ -269,6 +285,8 @@ def run_layers(params, x, positions, deltas, cfg: ModelConfig, start: int = 0, s
     params = split_layers(params, cfg)
     if cfg.mesh is not None:   # every sequence's activations, deltas (and so Adam state, cache rows) on the batch axes
         x, deltas = constrain_batch(x, cfg.mesh), constrain_batch(deltas, cfg.mesh)
+        if route is not None:
+            route = RouteOverride(*(constrain_batch(a, cfg.mesh) for a in route))
     new_cache, blocks = {}, []   # blocks: aux of the MoE layers run, [layers, B, ...] each, in layer order
     for s, st in enumerate(layer_plan(cfg)):
         lo, hi = max(start, st.first), min(stop, st.stop)
@@ -288,7 +306,8 @@ def run_layers(params, x, positions, deltas, cfg: ModelConfig, start: int = 0, s
             parts.append((range(last_rep, last_rep + 1), range(0, last_sub)))
         for reps, subs in parts:
             x, cache_s, rows, aux = _run_reps(params["stacks"][str(s)], cache_s, st, reps, subs, x, positions,
-                                              deltas, cfg, kv_valid, dispatch, collect_rows=full and cache is None)
+                                              deltas, cfg, kv_valid, dispatch, collect_rows=full and cache is None,
+                                              route=route)
             moe_subs = [j for j in subs if j in aux]
             if moe_subs:   # [n_reps, n_moe_subs, ...] -> [n_reps * n_moe_subs, ...]: layer order
                 blocks.append(jax.tree.map(lambda *a: jnp.stack(a, 1).reshape((-1,) + a[0].shape[1:]),
@@ -306,13 +325,14 @@ def run_layers(params, x, positions, deltas, cfg: ModelConfig, start: int = 0, s
 
 
 def forward(params, tokens, deltas, cfg: ModelConfig, positions=None, kv_valid=None,
-            dispatch: Optional[str] = None):
+            dispatch: Optional[str] = None, route: Optional[RouteOverride] = None):
     """Full (teacher-forced) forward, no cache. tokens [B, T] -> (logits [B, T, V] fp32, aux).
-    positions [B, T] (default 0..T-1) must be strictly increasing integers along T. aux:
-    {'logits' [B, L_moe, T, E] router logits (+ delta), 'idx' [B, L_moe, T, k], 'score' [B, L_moe, T]}."""
+    positions [B, T] (default 0..T-1) must be strictly increasing integers along T. route: None or
+    a `RouteOverride` ([B, ...] arrays). aux: {'logits' [B, L_moe, T, E] router logits (+ delta),
+    'idx' [B, L_moe, T, k] the experts used, 'score' [B, L_moe, T]}."""
     positions = positions_for(tokens) if positions is None else positions
     x, _, aux = run_layers(params, embed(params, tokens, cfg), positions, deltas, cfg, kv_valid=kv_valid,
-                           dispatch=dispatch)
+                           dispatch=dispatch, route=route)
     return head(params, x, cfg), aux
 
 
@@ -333,3 +353,19 @@ def batched_deltas(deltas, batch: int, cfg: ModelConfig):
             f"deltas have shape {deltas.shape}; expected {cfg.delta_shape} (L_moe, E) or "
             f"{(batch, *cfg.delta_shape)} (B, L_moe, E) for this model and batch")
     return deltas
+
+
+def batched_route(route, batch: int, cfg: ModelConfig) -> Optional[RouteOverride]:
+    """None | RouteOverride with unbatched ([L_moe, E], [L_moe], []) or batched ([B, L_moe, E],
+    [B, L_moe], [B]) arrays -> None | RouteOverride with [B, ...] arrays (fp32, fp32, int32)."""
+    if route is None:
+        return None
+    target, alpha, start = (jnp.asarray(a) for a in route)
+    if target.shape == cfg.delta_shape:
+        target, alpha, start = (jnp.broadcast_to(a, (batch, *a.shape)) for a in (target, alpha, start))
+    want = ((batch, *cfg.delta_shape), (batch, cfg.num_moe_layers), (batch,))
+    got = (target.shape, alpha.shape, start.shape)
+    if got != want:
+        raise ValueError(f"route override arrays have shapes {got}; expected {want} (target, alpha, start) "
+                         f"for this model and batch, or the same without the batch axis")
+    return RouteOverride(target.astype(jnp.float32), alpha.astype(jnp.float32), start.astype(jnp.int32))
