@@ -2,7 +2,7 @@
 # # Context shift (Fig. 4), interval sweep (Fig. 6) and sample diversity (Table 6) with the harness
 #
 # The evaluation harness (`rewire-jax eval`) on the bundled demo model, offline and tiny, so that
-# the notebook runs in about a minute on a CPU. The same runs from the command line:
+# the notebook runs in a few minutes on a CPU. The same runs from the command line:
 #
 # ```bash
 # rewire-jax eval --tasks humaneval=FILE --methods baseline,rewire,icl:1,shift:1,shift:1+rewire,... \
@@ -58,7 +58,7 @@ task_file.write_text("".join(json.dumps({"task_id": f"Line/{i}", "entry_point": 
 print(task_file.read_text().splitlines()[0])
 
 model = rewire_jax.load(DEMO_MODEL)
-cfg = EvalConfig(model=str(DEMO_MODEL), max_new_tokens={"humaneval": 12}, batch_size=24,
+cfg = EvalConfig(model=str(DEMO_MODEL), max_new_tokens={"humaneval": 12}, batch_size=18,
                  rewire={"interval": 4}, sandbox_timeout=5.0,
                  icl_sources={"humaneval": str(FIX / "mbpp_prompt_small.jsonl"),
                               "math500": str(FIX / "math_small.jsonl"),
@@ -66,15 +66,15 @@ cfg = EvalConfig(model=str(DEMO_MODEL), max_new_tokens={"humaneval": 12}, batch_
 
 # %% [markdown]
 # One run, all methods: k = 0, 1, 2 aligned and shifted demonstrations, baseline and rewired
-# (interval 4); the interval sweep `rewire:interval=M` (M = 2, 4 = the run's default, 8) and
-# `rewire:continuous=false` (one phase on the prompt, no updates); and `sc:4` / `sc:4+rewire`
-# (4 sampled paths per problem, temperature 0.7, top-p 0.95) for the diversity table.
+# (interval 4); the interval sweep `rewire:interval=M` (M = 4 = the run's default, 6, 8) and
+# `rewire:continuous=false` (one phase on the prompt, no updates); and `sc:3` / `sc:3+rewire`
+# (3 sampled paths per problem, temperature 0.7, top-p 0.95) for the diversity table.
 
 # %%
 K = (1, 2)
 methods = (["baseline", "rewire"] + [f"{d}:{k}" for d in ("icl", "shift") for k in K]
            + [f"{d}:{k}+rewire" for d in ("icl", "shift") for k in K]
-           + ["rewire:interval=2", "rewire:interval=8", "rewire:continuous=false", "sc:4", "sc:4+rewire"])
+           + ["rewire:interval=6", "rewire:interval=8", "rewire:continuous=false", "sc:3", "sc:3+rewire"])
 run_dir = tmp / "run"
 # the lock-step backend: one padded batch per method, so few programs to compile on this tiny run
 backend = generate_backend(model, lockstep=True)
@@ -104,7 +104,7 @@ plots.plot_interval(run_dir, tmp / "fig6.png")
 display(Image(filename=str(tmp / "fig6.png")))
 
 # %% [markdown]
-# ## Table 6: diversity of the 4 samples per problem
+# ## Table 6: diversity of the 3 samples per problem
 #
 # Per problem: the mean over its sample pairs of 1 - cosine similarity of TF-IDF vectors (scikit-learn,
 # fitted on that problem's samples); mean ± std over problems. The embedding-based column appears
@@ -112,6 +112,6 @@ display(Image(filename=str(tmp / "fig6.png")))
 # --embed-model DIR`) is given a local sentence-transformers code model; none is bundled.
 
 # %%
-for m in ("sc:4", "sc:4+rewire"):
+for m in ("sc:3", "sc:3+rewire"):
     d = res["tasks"]["humaneval"][m]["diversity"]["tfidf"]
     print(f"{m:12s} TF-IDF cosine diversity {d['mean']:.3f} ± {d['std']:.3f} over {d['problems']} problems")
