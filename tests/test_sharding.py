@@ -4,7 +4,7 @@ The 8-device runs happen in a subprocess (`sharded_worker.py`): the device count
 is imported and this test process keeps its single CPU device. CI runs the logits + shard-shape
 check for every variant on two meshes and the full rewired generate on three variants (MLA, sinks +
 sliding window + MXFP4, plain) with one mesh each; REWIRE_JAX_FULL_SHARDING=1 runs the whole matrix
-(every variant x the four meshes, generate included: ~20 min on 2 cores).
+(every variant x the four meshes, generate included: ~1 h on a shared 2-core CPU).
 """
 from __future__ import annotations
 
