@@ -41,18 +41,24 @@ def split_benchmark(model, prompt, args, ropts) -> dict:
     the largest Eq.-2 score), so hard selection with ratio 1/4 picks exactly those layers; the split
     point is found at run time from the first step's scores. 'last_k': the same layers, statically.
     """
-    import flax
     import jax
     import jax.numpy as jnp
     from rewire_jax import rewire as R
+    from rewire_jax.model.weights import layer_plan
     cfg = model.config
     L, Lm = cfg.num_layers, cfg.num_moe_layers
     top = 3 * L // 4
-    flat = flax.traverse_util.flatten_dict(model.params, sep="/")
-    for k in flat:
-        if k.endswith("mlp/gate/kernel") and int(k.split("/")[0].split("_")[1]) >= top:
-            flat[k] = flat[k] * 0.01
-    params = flax.traverse_util.unflatten_dict(flat, sep="/")
+    params = jax.tree.map(lambda x: x, model.params)    # a new tree (leaves shared) to edit
+    scaled = 0
+    for s, st in enumerate(layer_plan(cfg)):
+        for j in range(st.unit):
+            mlp = params["stacks"][str(s)][str(j)].get("mlp", {})
+            if "router" in mlp:   # router [repeats, d, E]: scale the rows of the layers >= top
+                scale = np.array([0.01 if st.layer(r, j) >= top else 1.0 for r in range(st.repeats)], np.float32)
+                mlp["router"] = mlp["router"] * jnp.asarray(scale, mlp["router"].dtype)[:, None, None]
+                scaled += int((scale < 1).sum())
+    if scaled != L - top:
+        raise ValueError(f"split benchmark: scaled {scaled} routers, expected the top {L - top} layers' routers")
     T = args.split_context or R.bucket_length(len(prompt) + args.new_tokens // 2)
     tokens = jnp.asarray(np.resize(np.asarray(prompt), T)[None], jnp.int32)
     out: dict = {"context": T, "lowest_layer": top}
