@@ -52,12 +52,13 @@ def prefill(params, tokens, lengths, deltas, cfg: ModelConfig, cache_len: int, r
                    donate_argnames=("state", "cache"))
 def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: ModelConfig,
            sampling: Sampling, max_steps: int, window: Optional[int] = None, dispatch: Optional[str] = None,
-           stop_on_any: bool = False, route=None):
+           stop_on_any: bool = False, route=None, min_done=1):
     """Generate up to `max_steps` tokens per sequence (fewer once every sequence is done).
 
     eos_ids [n_eos] int32 (may be empty); max_new [] or [B] int32: per-sequence total budget.
-    stop_on_any: return as soon as any sequence that was live on entry is done (the queue refills
-    or re-optimises that row while the others wait only for that).
+    stop_on_any: return as soon as `min_done` (traced int, default 1) of the sequences that were live
+    on entry are done (the queue refills or re-optimises those rows while the others wait only for
+    that).
     window: attend over the first `window` cache rows only (static; the caller guarantees that
     every position written in this call is < window): attention and KV traffic scale with the
     context reached, not the cache size. None: the whole cache.
@@ -79,8 +80,8 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
     def cond(carry):
         step, st, _ = carry
         go = (step < max_steps) & ~jnp.all(st.done)
-        if stop_on_any:
-            go &= ~jnp.any(st.done & ~done0)
+        if stop_on_any:   # return once `min_done` of the rows live on entry are done (traced: no recompile)
+            go &= jnp.sum(st.done & ~done0) < min_done
         return go
 
     def body(carry):

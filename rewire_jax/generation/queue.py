@@ -18,8 +18,9 @@ How a step of the queue runs (shapes static: no recompilation per refill):
      pays for a long one; then the group is prefilled with its new deltas and its cache rows,
      logits, deltas and Adam state are written back into the batch (`.at[rows].set`, in place);
   2. one `decode` call over the whole batch, each row with its own budget (up to its next phase
-     boundary, its own max_new_tokens, or the next stop-string check), returning as soon as any
-     row finishes (`decode(..., stop_on_any=True)`);
+     boundary, its own max_new_tokens, or the next stop-string check), returning as soon as
+     `refill_group` rows (default a quarter of the batch) have finished or reached a phase
+     (`decode(..., stop_on_any=True, min_done=...)`);
   3. finished rows are collected and refilled.
 Compiled programs: per context bucket one phase and one prefill per power-of-two sub-batch size,
 one decode per attention window bucket, and a few tiny gathers / scatters.
@@ -174,7 +175,8 @@ def _find_stop(text: str, stops: Sequence[str]) -> int:
 def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int = 16,
                    rewire: Optional[RewireOptions] = None, sampling: Sampling = Sampling(), seed: int = 0,
                    deltas=None, eos_token_id: Any = "config", stops=None, cache_len: Optional[int] = None,
-                   dispatch: Optional[str] = None, on_finish=None, route=None) -> QueueResult:
+                   dispatch: Optional[str] = None, on_finish=None, route=None,
+                   refill_group: Optional[int] = None) -> QueueResult:
     """Generate for any number of prompts through a batch of `batch_size` rows kept full.
 
     prompts: strings or token-id lists. max_new_tokens: an int or one per prompt. stops: None, a
@@ -187,6 +189,10 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
     with rewiring).
     Sampling (temperature > 0) draws from one key stream per queue run: seeded, but a sequence's
     samples depend on its neighbours; greedy decoding does not.
+    refill_group: a decode call returns once this many rows have ended or reached a phase (default
+    batch_size // 4, at least 1; capped by the rows still live): ended rows wait a little, and the
+    queue makes that many times fewer host round trips and refill prefills. 1 = refill at once.
+    A row's own tokens and deltas do not depend on it (greedy).
     """
     cfg = model.config
     t_start = time.perf_counter()
@@ -207,6 +213,9 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
     route_np = None if route is None else \
         type(route)(*(np.asarray(a) for a in batched_route(route, n, cfg)))   # per prompt, on the host
     B = max(1, min(int(batch_size), n))
+    group = max(1, B // 4) if refill_group is None else int(refill_group)
+    if group < 1:
+        raise ValueError(f"refill_group must be >= 1, got {refill_group}")
     needed = max(len(p) + b for p, b in zip(ids, budgets))
     S = bucket_length(needed) if cache_len is None else cache_len
     if needed > S:
@@ -357,8 +366,10 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
         state = DecodeState(jnp.asarray(buf), jnp.asarray(lengths), logits, jnp.asarray(~live),
                             jnp.asarray(num_new), key)
         t0 = time.perf_counter()
+        min_done = min(group, int(live.sum()))
         state, cache = decode(params, state, cache, d_all, eos_arr, jnp.asarray(stop_at), cfg, sampling,
-                              step_cap, window, dispatch, stop_on_any=True, route=route_all)
+                              step_cap, window, dispatch, stop_on_any=True, route=route_all,
+                              min_done=jnp.asarray(min_done, jnp.int32))
         new_num = np.asarray(state.num_new)
         timing["decode"] += time.perf_counter() - t0
         steps = int((new_num - num_new)[live].max(initial=0))
