@@ -129,17 +129,12 @@ def stream_bandwidth(mb: int = 512, repeats: int = 5) -> float:
     """Bytes/s XLA reads on this machine: a jitted sum over an `mb` MB fp32 array, best of `repeats`."""
     import jax
     import jax.numpy as jnp
+    from .perf import _timed
     x = jnp.ones((mb << 18,), jnp.float32)
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
     best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
     return x.nbytes / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def hf_batch(path: str, prompts, n: int, sample: bool, seed: int = 0) -> float:

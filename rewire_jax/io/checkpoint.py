@@ -4,7 +4,7 @@ Layout of a converted directory:
     params/NAME/      one orbax checkpoint per leaf of the param tree that `model/weights.py`
                       declares (NAME: its path, e.g. `stacks.0.0.experts_gate`), written one leaf at
                       a time so that converting never holds more than one tensor (format 3)
-    rewire_jax.json   {"format": 2, "config": ModelConfig.to_dict(), "source": ...}  (written last)
+    rewire_jax.json   {"format": 3, "config": ModelConfig.to_dict(), "source": ...}  (written last)
     config.json, tokenizer files   copied from the HF directory
 A directory without `rewire_jax.json` is never treated as a converted checkpoint, and the whole
 directory only appears under its final name after everything inside it was written
@@ -94,8 +94,8 @@ def _local_bytes(a) -> int:
     return int(np.asarray(a).nbytes)
 
 
-def read_config(path: str | Path) -> ModelConfig:
-    path = Path(path).absolute()
+def _read_meta(path: Path) -> dict:
+    """The marker file, checked: valid JSON of a format this version reads."""
     try:
         meta = json.loads((path / MARKER).read_text())
     except json.JSONDecodeError as e:
@@ -103,27 +103,28 @@ def read_config(path: str | Path) -> ModelConfig:
     if meta.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not supported "
                          f"(this rewire-jax reads formats {READABLE_FORMATS}); re-run python -m convert")
-    return ModelConfig.from_dict(meta["config"])
+    return meta
 
 
-def _format(path: Path) -> int:
-    return json.loads((path / MARKER).read_text())["format"]
+def read_config(path: str | Path) -> ModelConfig:
+    return ModelConfig.from_dict(_read_meta(Path(path).absolute())["config"])
 
 
 def load_converted(path: str | Path, dtype: str | None = None, shardings=None) -> tuple[ModelConfig, dict]:
     """-> (config, params): host numpy arrays of the declared dtypes, or with `shardings` (a param
-    tree of jax Shardings, any mesh: not necessarily the one used at conversion) jax.Arrays that
-    orbax restores straight into the shards of this process's devices."""
+    tree of jax Shardings, any mesh: not necessarily the one used at conversion) jax.Arrays read
+    chunk by chunk straight into the shards of this process's devices (format 2: orbax's restore)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    cfg = read_config(path)
+    meta = _read_meta(path)
+    cfg = ModelConfig.from_dict(meta["config"])
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     target = param_shapes(cfg)
     if shardings is not None:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
-    if _format(path) == 2:
+    if meta["format"] == 2:
         return cfg, ocp.StandardCheckpointer().restore(path / "params", target)
     leaves, treedef = jax.tree_util.tree_flatten(target)
     shards = [None] * len(leaves) if shardings is None else jax.tree_util.tree_leaves(

@@ -156,8 +156,7 @@ def materialise(tree, cfg: ModelConfig, progress: bool = False, desc: str = "loa
     if shardings is None:
         out = [np.asarray(leaf.load()).astype(dt, copy=False) for leaf, dt in zip(it, dtypes)]
     else:
-        sh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-        out = [place(leaf, s, dt) for leaf, s, dt in zip(it, sh, dtypes)]
+        out = [produce() for produce in jax.tree.leaves(leaf_producers(tree, cfg, shardings), is_leaf=callable)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
