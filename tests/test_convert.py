@@ -54,3 +54,23 @@ def test_bad_checkpoint_fails_before_writing(hf_dirs, tmp_path):
     with pytest.raises(rewire_jax.hf_io.CheckpointError, match="model.safetensors"):
         convert(bad, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_format_2_checkpoint_still_loads(hf_dirs, tmp_path):
+    """A directory written before format 3 (one orbax tree for all leaves) loads to the same model."""
+    import json
+    import shutil
+
+    import orbax.checkpoint as ocp
+    _, d = hf_dirs("olmoe")
+    new = convert(d, tmp_path / "v3", dtype="float32", progress=False)
+    cfg, params = checkpoint.load_converted(new)
+    old = tmp_path / "v2"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(old / "params", params)
+    ckptr.wait_until_finished()
+    shutil.copy2(new / "config.json", old / "config.json")
+    meta = json.loads((new / checkpoint.MARKER).read_text())
+    (old / checkpoint.MARKER).write_text(json.dumps({**meta, "format": 2}))
+    ids = np.arange(3, 15)[None]
+    np.testing.assert_array_equal(np.asarray(rewire_jax.load(old)(ids)), np.asarray(rewire_jax.load(new)(ids)))
