@@ -73,6 +73,7 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
         S = window
     # unrolled stacks: separate per-layer weights and cache buffers for the whole loop (one copy here,
     # not one per token)
+    windowed = cache
     params, cache = split_layers(params, cfg), split_cache(cache, cfg)
 
     done0 = state.done
@@ -106,7 +107,7 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
         return step + 1, DecodeState(buf, lengths, logits, done, num_new, key), cache
 
     _, state, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), state, cache))
-    cache = join_cache(cache)
+    cache = join_cache(cache, windowed)
     if cache_rows(full) != S:   # write the window back into the full buffers
         cache = jax.tree.map(lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, axis=2), full, cache)
     return state, cache

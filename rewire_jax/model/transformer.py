@@ -172,15 +172,40 @@ def prepare_params(params, cfg: ModelConfig):
 
 
 def split_cache(cache, cfg: ModelConfig):
-    """The cache with each unrolled stack's buffers as per-layer buffers (see split_layers)."""
+    """The cache with each unrolled stack's buffers as per-layer 2-D buffers [B * S, features] (see
+    split_layers; `write_layer_cache` writes them). 2-D because a decode step reads the buffer it
+    has just written: with a [1, S, K, D] buffer XLA drops the unit batch dimension for the
+    attention matmul (a bitcast), duplicates the row write into that bitcast and copies the whole
+    buffer for each copy of the write, four copies of every layer's K and V per token (measured: a
+    third of a batch-1 decode step). [B * S, K * D] is what the matmul reads, so nothing is copied."""
+    flat = lambda a: a.reshape(a.shape[0] * a.shape[1], -1)
     return {str(s): cache[str(s)] if scan_stack(cfg, st) else
-            {j: _split(c, st.repeats) for j, c in cache[str(s)].items()} for s, st in enumerate(layer_plan(cfg))}
+            {j: jax.tree.map(flat, _split(c, st.repeats)) for j, c in cache[str(s)].items()}
+            for s, st in enumerate(layer_plan(cfg))}
 
 
-def join_cache(cache):
-    """Inverse of split_cache: per-layer buffers stacked again ([R, B, S, ...] leaves)."""
-    return {s: {j: jax.tree.map(lambda *a: jnp.stack(a), *c) if isinstance(c, tuple) else c for j, c in subs.items()}
-            for s, subs in cache.items()}
+def join_cache(cache, like):
+    """Inverse of split_cache: per-layer buffers stacked again, in the shapes of `like` (the cache
+    that was split: [R, B, S, ...] leaves)."""
+    def join(c, ref):
+        if not isinstance(c, tuple):
+            return c
+        return jax.tree.map(lambda r, *a: jnp.stack(a).reshape(r.shape), ref, *c)
+    return {s: {j: join(c, like[s][j]) for j, c in subs.items()} for s, subs in cache.items()}
+
+
+def write_layer_cache(buf, rows, start):
+    """buf [B * S, F] (one layer's buffer, `split_cache`); rows [B, T, ...] with prod(...) = F;
+    start [B] -> buf with sequence b's rows at start[b]: (clamped to [0, S - T], as
+    dynamic_update_slice does). In place inside a decode loop."""
+    B, T = rows.shape[:2]
+    S = buf.shape[0] // B
+    new = rows.reshape(B * T, -1).astype(buf.dtype)
+    start = jnp.clip(start, 0, S - T)
+    if B == 1:
+        return jax.lax.dynamic_update_slice(buf, new, (start[0], jnp.zeros((), start.dtype)))
+    at = ((jnp.arange(B) * S + start)[:, None] + jnp.arange(T)[None]).reshape(-1)
+    return buf.at[at].set(new, unique_indices=True, indices_are_sorted=True, mode="promise_in_bounds")
 
 
 def _index(tree, rep):
@@ -240,10 +265,11 @@ def _run_reps(params_s, cache_s, st, reps: range, subs: range, x, positions, del
                 if cache_s is not None:
                     def c(rows, j=str(j)):   # write the rows into the cache in place, then read the layer
                         nonlocal cache_s
-                        if isinstance(cache_s[j], tuple):
-                            layer = {n: L.write_cache(cache_s[j][rep][n], rows[n], positions[:, 0]) for n in rows}
+                        if isinstance(cache_s[j], tuple):   # per-layer 2-D buffers (split_cache)
+                            layer = {n: write_layer_cache(cache_s[j][rep][n], rows[n], positions[:, 0])
+                                     for n in rows}
                             cache_s = {**cache_s, j: cache_s[j][:rep] + (layer,) + cache_s[j][rep + 1:]}
-                            return layer
+                            return {n: layer[n].reshape((rows[n].shape[0], -1) + rows[n].shape[2:]) for n in rows}
                         cache_s = {**cache_s, j: {n: write_rows(cache_s[j][n], rows[n], rep, positions[:, 0])
                                                   for n in rows}}
                         return _index(cache_s[j], rep)
