@@ -202,8 +202,6 @@ def write_layer_cache(buf, rows, start):
     S = buf.shape[0] // B
     new = rows.reshape(B * T, -1).astype(buf.dtype)
     start = jnp.clip(start, 0, S - T)
-    if B == 1:
-        return jax.lax.dynamic_update_slice(buf, new, (start[0], jnp.zeros((), start.dtype)))
     at = ((jnp.arange(B) * S + start)[:, None] + jnp.arange(T)[None]).reshape(-1)
     return buf.at[at].set(new, unique_indices=True, indices_are_sorted=True, mode="promise_in_bounds")
 
