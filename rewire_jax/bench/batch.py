@@ -5,8 +5,9 @@
     python -m rewire_jax.bench.batch --models demo --batches 1 4 16 --queue-prompts 64
 
 Per model and batch size B (B distinct prompts of 64-184 tokens, `--new-tokens` each, warm: every
-row is timed on its second run, compile time apart): rewire_jax baseline and rewired (paper
-defaults) `generate`, total new tokens per second and the optimise / prefill / decode split; HF
+row is timed after a first run, compile time apart): rewire_jax baseline and rewired (paper
+defaults) `generate`, total new tokens per second and the optimise / prefill / decode split (of the
+best of `--warm-runs` warm runs, default 2, as HF's); HF
 `generate` on the same prompts (left-padded batch; `--skip-hf` skips it); the distinct experts hit
 per MoE layer per decode step (mean over steps and layers) next to the timings; and the decode
 roofline: the bytes a step must read (weights other than the embedding table, the distinct experts
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from . import hugepages
 
 
 def _load(name: str, seed: int = 0):
@@ -169,7 +172,8 @@ def hf_batch(path: str, prompts, n: int, sample: bool, seed: int = 0) -> float:
     return best
 
 
-def model_rows(name: str, batches, n: int, skip_hf: bool, rewired_max: int, seed: int = 0) -> list[dict]:
+def model_rows(name: str, batches, n: int, skip_hf: bool, rewired_max: int, seed: int = 0,
+               warm_runs: int = 2) -> list[dict]:
     import rewire_jax
     from rewire_jax import RewireOptions, Sampling
     model, path = _load(name, seed)
@@ -188,7 +192,7 @@ def model_rows(name: str, batches, n: int, skip_hf: bool, rewired_max: int, seed
             t0 = time.perf_counter()
             run()
             cold = time.perf_counter() - t0
-            r = run()
+            r = min((run() for _ in range(warm_runs)), key=lambda res: res.timing["total"])
             t = r.timing
             row[label] = {"tok_s": B * n / t["total"], "seconds": t["total"], "optimise": t["optimise"],
                           "prefill": t["prefill"], "decode": t["decode"], "decode_tok_s": B * n / t["decode"],
@@ -302,6 +306,8 @@ def report(result: dict) -> None:
               f"{q['speedup']:.2f}x; lock-step leaves {100 * q['lockstep_idle_fraction']:.0f}% of row-steps idle "
               f"(1/(1-idle) = {q['predicted_speedup']:.2f}x), the queue {100 * q['queue_idle_fraction']:.0f}%")
     print(f"load average: start {result.get('loadavg_start')}, end {result.get('loadavg_end')}")
+    if "hugepages" in result:
+        print(f"pages: {hugepages.summary(result['hugepages'])}")
 
 
 def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -315,6 +321,9 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}queue-batch", type=int, default=16)
     p.add_argument(f"--{prefix}queue-rewired", action="store_true", help="also a rewired queue run")
     p.add_argument(f"--{prefix}skip-hf", action="store_true")
+    p.add_argument(f"--{prefix}warm-runs", type=int, default=2, help="timed warm runs per row (best of)")
+    if not prefix:
+        p.add_argument(hugepages.OPT_OUT, action="store_true", help="keep 4 KiB pages (see rewire_jax/bench/hugepages.py)")
 
 
 def run(a, json_path=None) -> dict:
@@ -326,7 +335,7 @@ def run(a, json_path=None) -> dict:
     for m in a.models:
         n = a.new_tokens if m == "demo" else a.olmoe_new_tokens
         rmax = a.rewired_max_batch if m == "demo" else a.olmoe_rewired_max_batch
-        result["rows"] += model_rows(m, a.batches, n, a.skip_hf, rmax)
+        result["rows"] += model_rows(m, a.batches, n, a.skip_hf, rmax, warm_runs=a.warm_runs)
         if json_path:
             Path(json_path).write_text(json.dumps(result, indent=1, default=str))
     if a.queue_prompts:
@@ -334,6 +343,7 @@ def run(a, json_path=None) -> dict:
             result["queue"].append(queue_rows("demo", a.queue_prompts, a.queue_batch, a.new_tokens, rewired))
     if hasattr(os, "getloadavg"):
         result["loadavg_end"] = os.getloadavg()
+    result["hugepages"] = hugepages.describe()
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1, default=str))
     report(result)
@@ -350,4 +360,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import sys
+    hugepages.reexec_with_hugepages(["-m", "rewire_jax.bench.batch", *sys.argv[1:]])
     main()
