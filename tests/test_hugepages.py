@@ -1,4 +1,4 @@
-"""The benchmarks' restart under transparent huge pages (rewire_jax/bench/hugepages.py)."""
+"""The benchmarks' restart under transparent huge pages (rewire_jax/hugepages.py)."""
 import json
 import subprocess
 import sys
@@ -6,13 +6,13 @@ import textwrap
 
 import pytest
 
-from rewire_jax.bench import hugepages
+from rewire_jax import hugepages
 
 # a child that restarts itself like the benchmarks' __main__, then mallocs and touches 256 MiB
 # through glibc (as XLA's and torch's CPU allocators do) and reports its huge pages
 CHILD = textwrap.dedent("""
     import ctypes, json, sys
-    from rewire_jax.bench import hugepages
+    from rewire_jax import hugepages
     hugepages.reexec_with_hugepages([sys.argv[0], *sys.argv[1:]])
     before = hugepages.anon_huge_kib()
     libc = ctypes.CDLL(None)

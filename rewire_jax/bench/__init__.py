@@ -4,7 +4,6 @@
   run.py              the speed benchmark (the README's tables)
   compile_time.py     cold rewired `generate` vs number of layers
   perf.py             compile counting, FLOP counts of a phase, measured matmul peaks
-  hugepages.py        the benchmarks' `__main__` restart under transparent huge pages (Linux)
   torch_reference.py  the rewiring cycle in PyTorch on HF models (the tests' oracle, and the
                       benchmark's PyTorch way); imports torch
 """

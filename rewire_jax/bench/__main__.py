@@ -1,6 +1,6 @@
 import sys
 
-from .hugepages import reexec_with_hugepages
+from ..hugepages import reexec_with_hugepages
 
 reexec_with_hugepages(["-m", "rewire_jax.bench", *sys.argv[1:]])
 

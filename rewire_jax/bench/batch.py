@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import hugepages
+from .. import hugepages
 
 
 def _load(name: str, seed: int = 0):
@@ -323,7 +323,7 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}skip-hf", action="store_true")
     p.add_argument(f"--{prefix}warm-runs", type=int, default=2, help="timed warm runs per row (best of)")
     if not prefix:
-        p.add_argument(hugepages.OPT_OUT, action="store_true", help="keep 4 KiB pages (see rewire_jax/bench/hugepages.py)")
+        p.add_argument(hugepages.OPT_OUT, action="store_true", help="keep 4 KiB pages (see rewire_jax/hugepages.py)")
 
 
 def run(a, json_path=None) -> dict:

@@ -38,7 +38,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import hugepages
+from .. import hugepages
 from .sections import dispatch_table, split_benchmark  # noqa: F401
 from .perf import (_timed, count_compiles, head_flops, layer_flops, matmul_peak, numpy_peak,  # noqa: F401
                    phase_flops, shape_ceiling)
@@ -436,7 +436,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument(hugepages.OPT_OUT, action="store_true", help="keep 4 KiB pages (python -m rewire_jax.bench "
-                   "restarts itself with transparent huge pages: see rewire_jax/bench/hugepages.py)")
+                   "restarts itself with transparent huge pages: see rewire_jax/hugepages.py)")
     from ..distributed import add_arguments
     add_arguments(p)   # --mesh (and the multi-host flags) for the rewire_jax rows
     p.add_argument("--quick", action="store_true", help="a small smoke run (prompt 64, 64 tokens, interval 32)")
