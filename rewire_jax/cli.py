@@ -15,10 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     from .rewire import CHOICES, RewireOptions
 
     d = RewireOptions()
-    p = argparse.ArgumentParser(prog="rewire-jax", description=__doc__,
-                                epilog="On Linux the command restarts itself once with transparent huge pages "
-                                       "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1: XLA:CPU runs steadier and faster); "
-                                       "--no-hugepages anywhere on the command line keeps 4 KiB pages.")
+    p = argparse.ArgumentParser(prog="rewire-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text with test-time rerouting",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -168,8 +165,6 @@ def generate_main(a) -> int:
                "phases": main_run.phase_dicts(),
                "timing": {**main_run.timing, "load": t_load}, "options": None if a.baseline else vars(opts)}
         out["timing"]["wall"] = time.perf_counter() - t0
-        from .hugepages import describe
-        out["pages"] = describe()
         if a.compare:
             b = runs["baseline"]
             out["baseline"] = {"tokens": b.tokens[0], "text": b.texts[0] if b.texts else None}
@@ -191,11 +186,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    if argv is None:   # the console script / `python -m rewire_jax.cli`: this process is ours to restart
-        from .hugepages import OPT_OUT, reexec_with_hugepages
-        reexec_with_hugepages(["-m", "rewire_jax.cli", *sys.argv[1:]], quiet=True)
-        argv = [a for a in sys.argv[1:] if a != OPT_OUT]
-    argv = list(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:
         return _lm_eval(argv[1:])
     a = _parser().parse_args(argv)

@@ -6,10 +6,10 @@
 
 Per model and batch size B (B distinct prompts of 64-184 tokens, `--new-tokens` each, warm: every
 row is timed after a first run, compile time apart): rewire_jax baseline and rewired (paper
-defaults) `generate`, total new tokens per second and the optimise / prefill / decode split (of the
-best of `--warm-runs` warm runs, default 2, as HF's); HF
-`generate` on the same prompts (left-padded batch; `--skip-hf` skips it); the distinct experts hit
-per MoE layer per decode step (mean over steps and layers) next to the timings; and the decode
+defaults) `generate`, total new tokens per second and the optimise / prefill / decode split of the
+best of `--warm-runs` warm runs (default 2; HF's row is a best of runs too); HF `generate` on the
+same prompts (left-padded batch; `--skip-hf` skips it); the distinct experts hit per MoE layer per
+decode step (mean over steps and layers) next to the timings; and the decode
 roofline: the bytes a step must read (weights other than the embedding table, the distinct experts
 hit, each row's KV over its context) at the memory bandwidth measured in the same run, i.e. the
 tokens/s a memory-bound decode cannot exceed, and so the largest batch-B / batch-1 ratio possible.
@@ -30,13 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-from .. import hugepages
 
 
 def _load(name: str, seed: int = 0):
@@ -46,7 +43,8 @@ def _load(name: str, seed: int = 0):
         return rewire_jax.load(DEMO_MODEL), str(DEMO_MODEL)
     from .run import Shape, build_hf
     hf = build_hf(Shape(), seed)
-    d = tempfile.mkdtemp(prefix="rewire_batch_")
+    from .perf import scratch_dir
+    d = scratch_dir("rewire_batch_")
     hf.save_pretrained(d)
     return rewire_jax.load(d), d
 
@@ -306,8 +304,6 @@ def report(result: dict) -> None:
               f"{q['speedup']:.2f}x; lock-step leaves {100 * q['lockstep_idle_fraction']:.0f}% of row-steps idle "
               f"(1/(1-idle) = {q['predicted_speedup']:.2f}x), the queue {100 * q['queue_idle_fraction']:.0f}%")
     print(f"load average: start {result.get('loadavg_start')}, end {result.get('loadavg_end')}")
-    if "hugepages" in result:
-        print(f"pages: {hugepages.summary(result['hugepages'])}")
 
 
 def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -322,8 +318,6 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}queue-rewired", action="store_true", help="also a rewired queue run")
     p.add_argument(f"--{prefix}skip-hf", action="store_true")
     p.add_argument(f"--{prefix}warm-runs", type=int, default=2, help="timed warm runs per row (best of)")
-    if not prefix:
-        p.add_argument(hugepages.OPT_OUT, action="store_true", help="keep 4 KiB pages (see rewire_jax/hugepages.py)")
 
 
 def run(a, json_path=None) -> dict:
@@ -343,7 +337,6 @@ def run(a, json_path=None) -> dict:
             result["queue"].append(queue_rows("demo", a.queue_prompts, a.queue_batch, a.new_tokens, rewired))
     if hasattr(os, "getloadavg"):
         result["loadavg_end"] = os.getloadavg()
-    result["hugepages"] = hugepages.describe()
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1, default=str))
     report(result)
@@ -360,6 +353,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-    hugepages.reexec_with_hugepages(["-m", "rewire_jax.bench.batch", *sys.argv[1:]])
     main()

@@ -24,9 +24,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from .perf import scratch_dir
 
 OLMOE_1B_7B = {"architectures": ["OlmoeForCausalLM"], "attention_bias": False, "clip_qkv": None,
                "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
@@ -132,7 +133,7 @@ def _probe(what, src, out="-", mesh="-", devices=1):
 
 
 def bench_load(a):
-    root = Path(a.dir or tempfile.mkdtemp(prefix="rewire_mem_"))
+    root = Path(a.dir or scratch_dir("rewire_mem_"))   # --dir keeps the checkpoint for the next run
     src = root / f"olmoe-1b-7b-{a.layers}layers"
     if not (src / "config.json").exists():
         t = time.time()
@@ -205,7 +206,7 @@ print(json.dumps({"context": T, "remat": remat, "peak_above_weights": max(peak[0
 def bench_phase(a):
     import numpy as np
     from .run import Shape, build_hf
-    root = Path(a.dir or tempfile.mkdtemp(prefix="rewire_phase_"))
+    root = Path(a.dir or scratch_dir("rewire_phase_"))
     src = root / "bench_model"
     if not (src / "config.json").exists():
         build_hf(Shape()).save_pretrained(src)

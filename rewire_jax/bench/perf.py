@@ -9,6 +9,17 @@ from typing import Optional
 import numpy as np
 
 
+def scratch_dir(prefix: str) -> str:
+    """A temporary directory (a benchmark's saved random-weight model, ~0.5 GB), removed when the
+    process exits, also after an error (each run used to leave its model in /tmp)."""
+    import atexit
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
+
+
 # -- compile counting (also used by the tests) ---------------------------------------------------
 
 @contextlib.contextmanager

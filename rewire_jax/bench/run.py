@@ -31,16 +31,14 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .. import hugepages
 from .sections import dispatch_table, split_benchmark  # noqa: F401
-from .perf import (_timed, count_compiles, head_flops, layer_flops, matmul_peak, numpy_peak,  # noqa: F401
+from .perf import (_timed, count_compiles, scratch_dir, head_flops, layer_flops, matmul_peak, numpy_peak,  # noqa: F401
                    phase_flops, shape_ceiling)
 
 
@@ -198,7 +196,7 @@ def run(args) -> dict:
         torch.set_flush_denormal(True)   # XLA flushes denormals too; without it torch is slower
         cuda = args.gpu and torch.cuda.is_available()
     hf = build_hf(shape, args.seed)
-    tmp = tempfile.mkdtemp(prefix="rewire_bench_")
+    tmp = scratch_dir("rewire_bench_")
     hf.save_pretrained(tmp)
     rng = np.random.default_rng(args.seed + 1)
     prompt = rng.integers(3, shape.vocab, args.prompt_len).tolist()
@@ -322,8 +320,6 @@ def run(args) -> dict:
         save()
     if hasattr(os, "getloadavg"):
         result["loadavg_end"] = os.getloadavg()
-    result["hugepages"] = hugepages.describe()
-    print(f"pages: {hugepages.summary(result['hugepages'])}", flush=True)
     result["rows"] = [_row_dict(r) for r in rows]
     save()
     report(result, rows, args)
@@ -435,8 +431,6 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="GPU/TPU run: torch on CUDA when available; fp32 + bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument(hugepages.OPT_OUT, action="store_true", help="keep 4 KiB pages (python -m rewire_jax.bench "
-                   "restarts itself with transparent huge pages: see rewire_jax/hugepages.py)")
     from ..distributed import add_arguments
     add_arguments(p)   # --mesh (and the multi-host flags) for the rewire_jax rows
     p.add_argument("--quick", action="store_true", help="a small smoke run (prompt 64, 64 tokens, interval 32)")
