@@ -35,6 +35,7 @@ def test_bench_compares_like_with_like(tmp_path):
 
 def test_scratch_dir_is_removed_at_exit(tmp_path):
     """The benchmarks save a random-weight model (~0.5 GB) per run: it must not stay in /tmp."""
+    import os
     import subprocess
     import sys
     code = ("from rewire_jax.bench.perf import scratch_dir; import pathlib; d = scratch_dir('rewire_test_'); "
@@ -42,4 +43,4 @@ def test_scratch_dir_is_removed_at_exit(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     d = out.stdout.strip().splitlines()[-1]
-    assert d and not __import__("os").path.exists(d)
+    assert d and not os.path.exists(d)

@@ -38,8 +38,8 @@ from typing import Optional
 import numpy as np
 
 from .sections import dispatch_table, split_benchmark  # noqa: F401
-from .perf import (_timed, count_compiles, scratch_dir, head_flops, layer_flops, matmul_peak, numpy_peak,  # noqa: F401
-                   phase_flops, shape_ceiling)
+from .perf import (_timed, count_compiles, head_flops, layer_flops, matmul_peak, numpy_peak,  # noqa: F401
+                   phase_flops, scratch_dir, shape_ceiling)
 
 
 # -- the model ---------------------------------------------------------------------------------------
