@@ -123,3 +123,9 @@ def test_batch_table_runs_and_measures_idle_rows(tmp_path):
     q = res["queue"][0]
     assert 0 <= q["queue_idle_fraction"] < 1 and 0 <= q["lockstep_idle_fraction"] < 1
     assert q["queue_stats"]["refills"] == 6
+
+
+def test_batch_table_rejects_no_warm_runs():
+    from rewire_jax.bench import batch
+    with pytest.raises(ValueError, match="warm-runs"):
+        batch.model_rows("demo", [1], 4, skip_hf=True, rewired_max=1, warm_runs=0)

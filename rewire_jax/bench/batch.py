@@ -172,6 +172,8 @@ def hf_batch(path: str, prompts, n: int, sample: bool, seed: int = 0) -> float:
 
 def model_rows(name: str, batches, n: int, skip_hf: bool, rewired_max: int, seed: int = 0,
                warm_runs: int = 2) -> list[dict]:
+    if warm_runs < 1:
+        raise ValueError(f"warm_runs (--warm-runs) must be >= 1, got {warm_runs}")
     import rewire_jax
     from rewire_jax import RewireOptions, Sampling
     model, path = _load(name, seed)
