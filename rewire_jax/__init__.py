@@ -1,15 +1,17 @@
 """rewire-jax: test-time rerouting ("rewiring") of Mixture-of-Experts LMs in pure JAX.
 
-Packages: `model` (config, weight declarations, the transformer), `io` (HF and converted
+Packages: `model` (config, weight declarations, the flax.nnx modules and the functions over them;
+`modules` gathers the modules), `io` (HF and converted
 checkpoints), `rewire` (the optimisation phase and cycle), `generation` (prefill, decode, generate),
 `analysis`, `experiments`, `bench`. See README "Architecture".
 """
 import sys as _sys
 
-from . import rewire
+from . import modules, rewire
 from .api import Model, load
 from .generation import GenerationResult, PhaseRecord, QueueResult, Sampling, generate, generate_queue
 from .model import ModelConfig, forward, init_params, zero_deltas
+from .model.decoder import CausalLM, from_config
 from .rewire import PhaseOutput, RewireOptions, Rewirer, rewirer
 
 # Deprecated module paths (before 0.2 every module sat at the top level); they keep importing.
@@ -28,7 +30,7 @@ for _old, _new in {"decode": _decode, "checkpoint": _checkpoint, "export": _expo
     _sys.modules.setdefault(f"{__name__}.{_old}", _new)
     globals().setdefault(_old, _new)
 
-__all__ = ["GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord", "RewireOptions",
-           "QueueResult", "Rewirer", "Sampling", "forward", "generate", "generate_queue", "init_params", "load", "rewire", "rewirer",
+__all__ = ["CausalLM", "GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord", "RewireOptions",
+           "QueueResult", "Rewirer", "Sampling", "forward", "from_config", "generate", "generate_queue", "init_params", "load", "rewire", "rewirer",
            "zero_deltas"]
 __version__ = "0.2.0"

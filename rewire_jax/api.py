@@ -12,15 +12,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from .io import checkpoint, families, hf
 from .model import ModelConfig, batched_deltas, forward
+from .model.decoder import CausalLM, graph_of, model_graph
+from .model.nn import arch
 from .model.weights import param_shapes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """A loaded model. `params` is a plain pytree; `config` is static; both can be used directly
-    with the functional API (`rewire_jax.model.forward`, `rewire_jax.rewirer(...)`, ...)."""
+    with the functional API (`rewire_jax.model.forward`, `rewire_jax.rewirer(...)`, ...).
+    `module` is the same model as a flax.nnx `CausalLM` over the same arrays; a modified module
+    becomes a model again with `with_module` (docs/flax.md)."""
 
     config: ModelConfig
     params: Any
@@ -43,6 +49,25 @@ class Model:
 
     def with_params(self, params) -> "Model":
         return dataclasses.replace(self, params=params)
+
+    @property
+    def module(self) -> CausalLM:
+        """The model as a flax.nnx `CausalLM` holding this model's arrays (no copies). Each access
+        builds a new module: modify the one you got, then `model.with_module(it)`."""
+        return nnx.merge(model_graph(self.config).full, self.params)
+
+    def with_module(self, module: CausalLM) -> "Model":
+        """A Model that runs `module` (e.g. this model's `.module` with a layer's router swapped):
+        its params are the module's Params, its config carries the module graph, so `generate`,
+        `rewirer`, the queue and the eval harness run the modified modules. `self` is unchanged."""
+        if not isinstance(module, CausalLM):
+            raise TypeError(f"with_module takes a rewire_jax CausalLM (e.g. model.module), got {type(module).__name__}")
+        if module.cfg != arch(self.config):
+            raise ValueError("with_module: the module was built for another architecture than this model's "
+                             f"({module.cfg.model_type}, {module.cfg.num_layers} layers vs {self.config.model_type}, "
+                             f"{self.config.num_layers} layers); start from this model's `.module`")
+        params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+        return dataclasses.replace(self, config=self.config.replace(modules=graph_of(module)), params=params)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

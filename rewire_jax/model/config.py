@@ -124,6 +124,9 @@ class ModelConfig:
     scan_layers: Optional[bool] = None  # run stacks of identical layers as a scan; None: auto (transformer.scan_stack)
     remat: str = "auto"  # per-layer rematerialisation under autodiff: 'auto' (long contexts), 'layer', 'none'
     mesh: Optional[Any] = None  # a jax.sharding.Mesh (model/sharding.py): batch + experts sharded; not serialised
+    # the flax.nnx module graph to run (model/decoder.py ModelGraph), set by `Model.with_module` for a
+    # customised model; None: the stock modules of this config. Not serialised.
+    modules: Optional[Any] = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -190,14 +193,16 @@ class ModelConfig:
 
     # -- (de)serialisation of our own format (converted checkpoints) ------------------------
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self.replace(mesh=None))
+        d = dataclasses.asdict(self.replace(mesh=None, modules=None))
         d.pop("mesh")
+        d.pop("modules")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d.pop("mesh", None)
+        d.pop("modules", None)
         d["rope"] = RopeConfig(**d.get("rope", {}))
         d["router"] = RouterConfig(**d.get("router", {}))
         if d.get("mla") is not None:

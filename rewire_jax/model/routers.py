@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def token_confidence(logits_fp32, idx):
@@ -69,39 +70,151 @@ def sigmoid_group_route(logits, k: int, n_group: int, topk_group: int, correctio
     return weights, idx
 
 
-def _softmax_topk(logits, cfg, correction):
-    return softmax_topk_route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+class Router(nnx.Module):
+    """A routing rule: z~ [N, E] fp32 (delta already added) -> (weights [N, k] fp32 incl.
+    routed_scaling_factor, idx [N, k] int32). No Params: the router's weight (and DeepSeek-V3's
+    correction bias) belong to the MoE block, which computes z~ and passes the bias in.
+
+    Subclass one (override `choose`, or `__call__` to transform z~ first) and put it on a layer's
+    `mlp.routing` to route differently. `pathway` and `select` serve routing overrides (C3PO):
+    select(pathway(z~)) is the router's own choice (see below)."""
+
+    def __init__(self, k: int, scaling: float = 1.0):
+        self.k, self.scaling = k, scaling
+
+    @classmethod
+    def from_config(cls, cfg) -> "Router":
+        raise NotImplementedError
+
+    def choose(self, logits, correction_bias=None):
+        """z~ [N, E] fp32 -> (weights [N, k] fp32, idx [N, k]) before the scaling factor."""
+        raise NotImplementedError
+
+    def __call__(self, logits, correction_bias=None):
+        weights, idx = self.choose(logits, correction_bias)
+        return self._finish(weights, idx)
+
+    def pathway(self, logits):
+        """z~ [N, E] fp32 -> the per-expert scores [N, E] fp32 that the top-k chooses from."""
+        return jax.nn.softmax(logits, axis=-1)
+
+    def select(self, scores, correction_bias=None):
+        """scores [N, E] (`pathway`, possibly re-mixed) -> (weights, idx) by this router's rule."""
+        raise NotImplementedError
+
+    def _finish(self, weights, idx):
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
+        return weights, idx.astype(jnp.int32)
 
 
-def _group_limited(logits, cfg, correction):   # V2 ignores norm_topk_prob (no such branch in HF)
-    return group_limited_route(logits, cfg.num_experts_per_tok, cfg.router.n_group, cfg.router.topk_group)
+class SoftmaxTopK(Router):
+    """OLMoE / Qwen / Mixtral: softmax over all E, top-k, optional renormalisation."""
+
+    def __init__(self, k: int, norm_topk_prob: bool = False, scaling: float = 1.0):
+        super().__init__(k, scaling)
+        self.norm_topk_prob = norm_topk_prob
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router.routed_scaling_factor)
+
+    def choose(self, logits, correction_bias=None):
+        return softmax_topk_route(logits, self.k, self.norm_topk_prob)
+
+    def select(self, scores, correction_bias=None):
+        weights, idx = jax.lax.top_k(scores, self.k)
+        if self.norm_topk_prob:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return self._finish(weights, idx)
 
 
-def _topk_softmax(logits, cfg, correction):
-    return topk_softmax_route(logits, cfg.num_experts_per_tok)
+class GroupLimited(Router):
+    """DeepSeek-V2 group_limited_greedy (ignores norm_topk_prob: HF has no such branch)."""
+
+    def __init__(self, k: int, n_group: int, topk_group: int, scaling: float = 1.0):
+        super().__init__(k, scaling)
+        self.n_group, self.topk_group = n_group, topk_group
+
+    @classmethod
+    def from_config(cls, cfg):
+        r = cfg.router
+        return cls(cfg.num_experts_per_tok, r.n_group, r.topk_group, r.routed_scaling_factor)
+
+    def choose(self, logits, correction_bias=None):
+        return group_limited_route(logits, self.k, self.n_group, self.topk_group)
+
+    def select(self, scores, correction_bias=None):
+        N, E = scores.shape
+        group_scores = jnp.max(scores.reshape(N, self.n_group, E // self.n_group), axis=-1)
+        masked = jnp.where(_group_mask(group_scores, self.topk_group, E // self.n_group), scores, 0.0)
+        return self._finish(*jax.lax.top_k(masked, self.k))
 
 
-def _sigmoid_group(logits, cfg, correction):
-    return sigmoid_group_route(logits, cfg.num_experts_per_tok, cfg.router.n_group, cfg.router.topk_group,
-                               correction, cfg.norm_topk_prob)
+class TopKSoftmax(Router):
+    """gpt-oss: top-k of the logits, softmax over the k chosen."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.num_experts_per_tok, cfg.router.routed_scaling_factor)
+
+    def choose(self, logits, correction_bias=None):
+        return topk_softmax_route(logits, self.k)
+
+    def select(self, scores, correction_bias=None):
+        weights, idx = jax.lax.top_k(scores, self.k)
+        return self._finish(weights / jnp.sum(weights, axis=-1, keepdims=True), idx)
 
 
-#: RouterConfig.kind -> fn(z~ [N, E] fp32, cfg, correction bias [E] or None) -> (weights, idx).
-#: A new router: one function here, one entry in this table (and its extra weights, if any, in
-#: rewire_jax/model/weights.py `_moe`).
-ROUTERS = {"softmax_topk": _softmax_topk, "group_limited": _group_limited,
-           "topk_softmax": _topk_softmax, "sigmoid_group": _sigmoid_group}
+class SigmoidGroup(Router):
+    """DeepSeek-V3 noaux_tc: sigmoid scores, the choice moved by the correction bias."""
+
+    def __init__(self, k: int, n_group: int, topk_group: int, norm_topk_prob: bool = False, scaling: float = 1.0):
+        super().__init__(k, scaling)
+        self.n_group, self.topk_group, self.norm_topk_prob = n_group, topk_group, norm_topk_prob
+
+    @classmethod
+    def from_config(cls, cfg):
+        r = cfg.router
+        return cls(cfg.num_experts_per_tok, r.n_group, r.topk_group, cfg.norm_topk_prob, r.routed_scaling_factor)
+
+    def choose(self, logits, correction_bias=None):
+        return sigmoid_group_route(logits, self.k, self.n_group, self.topk_group, correction_bias,
+                                   self.norm_topk_prob)
+
+    def pathway(self, logits):
+        return jax.nn.sigmoid(logits)
+
+    def select(self, scores, correction_bias=None):
+        N, E = scores.shape
+        choice = scores if correction_bias is None else scores + correction_bias.astype(jnp.float32)
+        group_scores = jnp.sum(jax.lax.top_k(choice.reshape(N, self.n_group, E // self.n_group), 2)[0], axis=-1)
+        choice = jnp.where(_group_mask(group_scores, self.topk_group, E // self.n_group), choice, -jnp.inf)
+        _, idx = jax.lax.top_k(choice, self.k)
+        weights = jnp.take_along_axis(scores, idx, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        return self._finish(weights, idx)
+
+
+#: RouterConfig.kind -> Router class. A new router: a subclass here and an entry in this table (and
+#: its extra weights, if any, in rewire_jax/model/weights.py `_moe`).
+ROUTERS = {"softmax_topk": SoftmaxTopK, "group_limited": GroupLimited,
+           "topk_softmax": TopKSoftmax, "sigmoid_group": SigmoidGroup}
+
+
+def router_for(cfg) -> Router:
+    """The stock router module of a config."""
+    if cfg.router.kind not in ROUTERS:
+        raise ValueError(f"unknown router kind {cfg.router.kind!r}")
+    return ROUTERS[cfg.router.kind].from_config(cfg)
 
 
 def route(logits, cfg, correction_bias=None):
-    """z~ [N, E] fp32 -> (weights [N, k] fp32 incl. routed_scaling_factor, idx [N, k] int32).
-    cfg: the ModelConfig (not imported here: config.py validates router kinds against ROUTERS)."""
-    if cfg.router.kind not in ROUTERS:
-        raise ValueError(f"unknown router kind {cfg.router.kind!r}")
-    weights, idx = ROUTERS[cfg.router.kind](logits, cfg, correction_bias)
-    if cfg.router.routed_scaling_factor != 1.0:
-        weights = weights * cfg.router.routed_scaling_factor
-    return weights, idx.astype(jnp.int32)
+    """z~ [N, E] fp32 -> (weights [N, k] fp32 incl. routed_scaling_factor, idx [N, k] int32) by the
+    config's stock router. cfg: the ModelConfig (not imported here: config.py validates router
+    kinds against ROUTERS)."""
+    return router_for(cfg)(logits, correction_bias)
 
 
 # -- routing from given per-expert scores (a routing override: C3PO re-mixing, rewire_jax/eval/c3po.py) --
@@ -118,37 +231,11 @@ def route(logits, cfg, correction_bias=None):
 # route_scores(pathway_scores(z~)) == route(z~) up to rounding (exactly for softmax_topk).
 
 def pathway_scores(logits, cfg):
-    """z~ [N, E] fp32 -> the router's per-expert scores [N, E] fp32 (see above)."""
-    if cfg.router.kind == "sigmoid_group":
-        return jax.nn.sigmoid(logits)
-    return jax.nn.softmax(logits, axis=-1)
+    """z~ [N, E] fp32 -> the config's router's per-expert scores [N, E] fp32 (see above)."""
+    return router_for(cfg).pathway(logits)
 
 
 def route_scores(scores, cfg, correction_bias=None):
     """scores [N, E] fp32 (pathway_scores, possibly re-mixed) -> (weights [N, k] fp32 incl.
-    routed_scaling_factor, idx [N, k] int32) by the router's own selection rule."""
-    kind, k = cfg.router.kind, cfg.num_experts_per_tok
-    N, E = scores.shape
-    if kind in ("softmax_topk", "topk_softmax"):
-        weights, idx = jax.lax.top_k(scores, k)
-        if kind == "topk_softmax" or cfg.norm_topk_prob:
-            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    elif kind == "group_limited":
-        r = cfg.router
-        group_scores = jnp.max(scores.reshape(N, r.n_group, E // r.n_group), axis=-1)
-        masked = jnp.where(_group_mask(group_scores, r.topk_group, E // r.n_group), scores, 0.0)
-        weights, idx = jax.lax.top_k(masked, k)
-    elif kind == "sigmoid_group":
-        r = cfg.router
-        choice = scores if correction_bias is None else scores + correction_bias.astype(jnp.float32)
-        group_scores = jnp.sum(jax.lax.top_k(choice.reshape(N, r.n_group, E // r.n_group), 2)[0], axis=-1)
-        choice = jnp.where(_group_mask(group_scores, r.topk_group, E // r.n_group), choice, -jnp.inf)
-        _, idx = jax.lax.top_k(choice, k)
-        weights = jnp.take_along_axis(scores, idx, axis=-1)
-        if cfg.norm_topk_prob:
-            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    else:
-        raise ValueError(f"unknown router kind {kind!r}")
-    if cfg.router.routed_scaling_factor != 1.0:
-        weights = weights * cfg.router.routed_scaling_factor
-    return weights, idx.astype(jnp.int32)
+    routed_scaling_factor, idx [N, k] int32) by the config's router's own selection rule."""
+    return router_for(cfg).select(scores, correction_bias)

@@ -223,13 +223,20 @@ def _moe(cfg: ModelConfig) -> dict:
     return w
 
 
-def layer_weights(cfg: ModelConfig, layer: int) -> dict:
-    """Declarations of one decoder layer: {'input_norm', 'post_norm', 'attn': {...}, 'mlp': {...}}."""
+def _layer_norms(cfg: ModelConfig) -> dict:
     d = cfg.hidden_size
     return {"input_norm": _vector("input_layernorm.weight", d, "embed", "ones"),
-            "post_norm": _vector("post_attention_layernorm.weight", d, "embed", "ones"),
-            "attn": _mla(cfg) if cfg.attention == "mla" else _gqa(cfg),
-            "mlp": _moe(cfg) if cfg.is_moe(layer) else _swiglu("mlp", d, cfg.intermediate_size)}
+            "post_norm": _vector("post_attention_layernorm.weight", d, "embed", "ones")}
+
+
+def _dense_mlp(cfg: ModelConfig) -> dict:
+    return _swiglu("mlp", cfg.hidden_size, cfg.intermediate_size)
+
+
+def layer_weights(cfg: ModelConfig, layer: int) -> dict:
+    """Declarations of one decoder layer: {'input_norm', 'post_norm', 'attn': {...}, 'mlp': {...}}."""
+    return {**_layer_norms(cfg), "attn": _mla(cfg) if cfg.attention == "mla" else _gqa(cfg),
+            "mlp": _moe(cfg) if cfg.is_moe(layer) else _dense_mlp(cfg)}
 
 
 def model_weights(cfg: ModelConfig) -> dict:
@@ -272,20 +279,22 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return map_weights(lambda w: jax.ShapeDtypeStruct(w.shape, w.dtype(cfg)), declarations(cfg))
 
 
+def init_weight(w: Weight, cfg: ModelConfig, key):
+    """A fresh array for one declaration: normal(0.02) matrices, ones (norms), zeros (biases)."""
+    dt = w.dtype(cfg)
+    if w.init == "ones":
+        return jnp.ones(w.shape, dt)
+    if w.init == "zeros":
+        return jnp.zeros(w.shape, dt)
+    return (jax.random.normal(key, w.shape, jnp.float32) * INIT_STD).astype(dt)
+
+
 def init_params(cfg: ModelConfig, key) -> dict:
     """Random parameters (normal(0.02) matrices, unit norms, zero biases), e.g. to train from scratch."""
     decl = declarations(cfg)
     leaves, treedef = jax.tree.flatten(decl, is_leaf=_is_weight)
     keys = jax.random.split(key, len(leaves))
-
-    def make(w: Weight, k):
-        dt = w.dtype(cfg)
-        if w.init == "ones":
-            return jnp.ones(w.shape, dt)
-        if w.init == "zeros":
-            return jnp.zeros(w.shape, dt)
-        return (jax.random.normal(k, w.shape, jnp.float32) * INIT_STD).astype(dt)
-    return jax.tree.unflatten(treedef, [make(w, k) for w, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [init_weight(w, cfg, k) for w, k in zip(leaves, keys)])
 
 
 def layer_params(params: dict, cfg: ModelConfig, layer: int) -> dict:
