@@ -31,4 +31,4 @@ for _old, _new in {"decode": _decode, "checkpoint": _checkpoint, "export": _expo
 __all__ = ["GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord", "RewireOptions",
            "QueueResult", "Rewirer", "Sampling", "forward", "generate", "generate_queue", "init_params", "load", "rewire", "rewirer",
            "zero_deltas"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"   # the only place the version is written (pyproject reads it; CHANGELOG.md)
