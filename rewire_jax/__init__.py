@@ -2,7 +2,7 @@
 
 Packages: `model` (config, weight declarations, the transformer), `io` (HF and converted
 checkpoints), `rewire` (the optimisation phase and cycle), `generation` (prefill, decode, generate),
-`analysis`, `experiments`, `bench`. See README "Architecture".
+`analysis`, `experiments`, `bench`. See docs/architecture.md.
 """
 import sys as _sys
 

@@ -361,6 +361,8 @@ def forward(params, tokens, deltas, cfg: ModelConfig, positions=None, kv_valid=N
 
 
 def zero_deltas(cfg: ModelConfig, batch: Optional[int] = None):
+    """Deltas that change nothing: zeros [L_moe, E] (or [batch, L_moe, E]) float32, one row per MoE
+    layer (`cfg.moe_layers`), one column per routed expert."""
     shape = cfg.delta_shape if batch is None else (batch, *cfg.delta_shape)
     return jnp.zeros(shape, jnp.float32)
 
