@@ -25,7 +25,17 @@ from rewire_jax.cli import DEMO_MODEL
 
 model = rewire_jax.load(DEMO_MODEL)
 lm = model.module          # a CausalLM over the loaded arrays (no copies)
-print(lm.stacks["0"]["0"])
+
+
+def show(module):
+    """One line per module: path, class, its Params' shapes (static settings left out)."""
+    for path, m in reversed(list(nnx.iter_modules(module))):   # root first
+        shapes = {k: tuple(v.shape) for k, v in vars(m).items() if isinstance(v, nnx.Param)}
+        print(f"{'/'.join(map(str, path)) or '(root)':22s} {type(m).__name__:13s}",
+              " ".join(f"{k}{list(s)}" for k, s in shapes.items()))
+
+
+show(lm)
 
 # %% [markdown]
 # The Param state of the module is the model's param tree (same paths, same arrays), so HF export,
@@ -78,8 +88,9 @@ for block in custom.moe_blocks():
     r = block.routing
     block.routing = TemperedSoftmaxTopK(r.k, r.norm_topk_prob, r.scaling, temperature=0.25)
 tempered = model.with_module(custom)
-print(tempered.module.stacks["0"]["0"].mlp.routing)
-print("stock router still:", model.module.stacks["0"]["0"].mlp.routing)
+print("tempered:", type(tempered.module.stacks["0"]["0"].mlp.routing).__name__,
+      "temperature", tempered.module.stacks["0"]["0"].mlp.routing.temperature)
+print("stock router still:", type(model.module.stacks["0"]["0"].mlp.routing).__name__)
 
 # %% [markdown]
 # ## Baseline and rewired generations, stock and tempered

@@ -3,7 +3,7 @@
 Packages: `model` (config, weight declarations, the flax.nnx modules and the functions over them;
 `modules` gathers the modules), `io` (HF and converted
 checkpoints), `rewire` (the optimisation phase and cycle), `generation` (prefill, decode, generate),
-`analysis`, `experiments`, `bench`. See README "Architecture".
+`analysis`, `experiments`, `bench`. See docs/architecture.md.
 """
 import sys as _sys
 
@@ -33,4 +33,4 @@ for _old, _new in {"decode": _decode, "checkpoint": _checkpoint, "export": _expo
 __all__ = ["CausalLM", "GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord", "RewireOptions",
            "QueueResult", "Rewirer", "Sampling", "forward", "from_config", "generate", "generate_queue", "init_params", "load", "rewire", "rewirer",
            "zero_deltas"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"   # the only place the version is written (pyproject reads it; CHANGELOG.md)

@@ -15,7 +15,10 @@ def _parser() -> argparse.ArgumentParser:
     from .rewire import CHOICES, RewireOptions
 
     d = RewireOptions()
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="rewire-jax", description=__doc__)
+    p.add_argument("--version", action="version", version=f"rewire-jax {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text with test-time rerouting",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,7 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-evaluation-harness's CLI with the rewire-jax backend (--model rewire-jax); "
                         "`rewire-jax lm-eval --help` for its arguments")
+    ev = sub.add_parser("env", help="versions, backend, devices and compile-cache location (for bug reports)")
+    ev.add_argument("--json", action="store_true", help="print the same as one JSON object")
     return p
+
+
+def env_main(a) -> int:
+    from . import envinfo
+
+    info = envinfo.collect()
+    print(json.dumps(info, indent=1) if a.json else envinfo.format_report(info))
+    return 0
 
 
 def _options(a):
@@ -196,6 +209,8 @@ def _main(argv) -> int:
         if a.command == "eval":
             from .eval import cli as eval_cli
             return eval_cli.main(a)
+        if a.command == "env":
+            return env_main(a)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -238,7 +238,7 @@ def bench_phase(a):
 
 
 def plan(a):
-    """Weights per chip (bf16) of the seed models on the README's meshes, from their config.json."""
+    """Weights per chip (bf16) of the seed models on the meshes of docs/scaling.md, from their config.json."""
     from ..io import families
     from ..model import sharding
     rows = []

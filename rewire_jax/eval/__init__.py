@@ -1,2 +1,2 @@
 """Evaluation harness (`rewire-jax eval`): tasks, methods, batched resumable runner, code sandbox,
-reports. See the README section "Evaluation harness"."""
+reports. See docs/evaluation.md."""

@@ -156,7 +156,7 @@ def markdown(res: dict) -> str:
         out += [f"| {t} | {m} | " + " | ".join(f"{100 * v:.2f}" for k, v in c.items() if "@" in k) + " |"
                 for t, m, c in extra]
     out += diversity.markdown(res)
-    out += ["", "## Cost per sample (Table 3 style; FLOPs estimated, see README)", "",
+    out += ["", "## Cost per sample (Table 3 style; FLOPs estimated, see docs/evaluation.md)", "",
             "| method | GFLOPs / sample | seconds / sample | new tokens / sample |", "|---|---|---|---|"]
     out += [f"| {m} | {c['gflops_per_sample']:.2f} | {c['seconds_per_sample']:.3f} | {c['new_tokens_per_sample']:.1f} |"
             for m, c in res["cost"].items()]

@@ -44,6 +44,9 @@ class PhaseRecord:
 
 @dataclasses.dataclass
 class GenerationResult:
+    """What `generate` returns: new tokens (and texts with a tokenizer) per sequence, the final
+    deltas [B, L_moe, E], one `PhaseRecord` per phase and the seconds spent per part."""
+
     tokens: list[list[int]]        # new tokens per sequence (EOS included when emitted)
     deltas: np.ndarray             # [B, L_moe, E] final deltas
     phases: list[PhaseRecord]

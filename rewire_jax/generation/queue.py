@@ -51,6 +51,10 @@ STOP_CHECK = 32
 
 @dataclasses.dataclass
 class QueueResult:
+    """What `generate_queue` returns, per prompt in prompt order: new tokens (texts), final deltas
+    [L_moe, E], phase history, whether a stop string ended it; plus timing and batch statistics
+    (`stats["idle_fraction"]`: decode row-steps spent on rows with nothing to do)."""
+
     tokens: list[list[int]]       # new tokens per prompt, in prompt order (cut after a stop string)
     deltas: list[np.ndarray]      # [L_moe, E] final deltas per prompt
     phases: list[list[dict]]      # per prompt: {context_len, loss_before, loss_after, scores, weights}

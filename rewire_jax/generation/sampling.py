@@ -9,7 +9,9 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0 = greedy. top_k 0 and top_p 1.0 disable those filters."""
+    """How tokens are drawn: temperature 0 = greedy (argmax); otherwise a categorical sample of the
+    logits / temperature after the top_k and top_p (nucleus) filters. top_k 0 and top_p 1.0
+    disable those filters. Passed as `sampling=` to `generate` and `generate_queue`."""
 
     temperature: float = 0.0
     top_k: int = 0

@@ -196,7 +196,8 @@ _jit_run_model = jax.jit(run_model, static_argnames=("cfg", "dispatch"))
 
 
 def zero_deltas(cfg: ModelConfig, batch: Optional[int] = None):
-    """Zero deltas [L_moe, E] (or [batch, L_moe, E]) fp32: the baseline model."""
+    """Deltas that change nothing: zeros [L_moe, E] (or [batch, L_moe, E]) float32, one row per MoE
+    layer (`cfg.moe_layers`), one column per routed expert."""
     shape = cfg.delta_shape if batch is None else (batch, *cfg.delta_shape)
     return jnp.zeros(shape, jnp.float32)
 

@@ -93,11 +93,18 @@ class Rewirer:
 
     def step(self, params, deltas, tokens, *, lengths=None, opt_state=None, phase_index: int = 0,
              active=None) -> PhaseOutput:
-        """One optimisation phase.
+        """One optimisation phase: the options' `steps` Adam updates of the deltas on the
+        next-token loss of `tokens`, in one compiled call (two for `hard` / `reverse` selection).
 
+        params: the model's parameter pytree (`model.params`).
         tokens: [T] or [B, T] ints (right-padded when `lengths` [B] is given).
         deltas: [L_moe, E] or [B, L_moe, E]; the output keeps the same rank.
         opt_state: from a previous PhaseOutput (persist) or None (fresh Adam).
+        phase_index: seeds `selection="random"` (the layer set of phase p).
+        active: [B] bool (default all): inactive rows keep their deltas and Adam state.
+        Returns a `PhaseOutput` (deltas, opt_state, loss [B] before the updates, scores and
+        weights [B, L_moe]). Raises ValueError for `selection="none"`, an empty context or deltas
+        of the wrong shape.
         """
         cfg, opts = self.config, self.options
         if not opts.enabled:
@@ -123,5 +130,12 @@ class Rewirer:
 
 
 def rewirer(model_or_config, options: Optional[RewireOptions] = None, **overrides) -> Rewirer:
+    """A `Rewirer` for a model: its config bound to rewiring options (no params are held).
+
+    model_or_config: a `Model` (its `.config` is used) or a `ModelConfig`.
+    options: a `RewireOptions` (default: the paper's defaults); `**overrides` replace fields of it,
+    e.g. `rewirer(model, selection="hard", ratio=0.25)`.
+    Use `rewirer(...).step(model.params, deltas, tokens)` to run one optimisation phase.
+    """
     cfg = getattr(model_or_config, "config", model_or_config)
     return Rewirer(cfg, options, **overrides)

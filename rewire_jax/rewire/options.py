@@ -1,5 +1,5 @@
 """Options of the rewiring cycle (defaults: the paper's; every ambiguity of the paper is an option,
-see README "Options" and shared/docs/rewiring-algorithm.md)."""
+see docs/algorithm.md and shared/docs/rewiring-algorithm.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,28 @@ CHOICES = {"selection": SELECTIONS, "soft_mode": ("lr", "grad"), "confidence": (
 
 @dataclasses.dataclass(frozen=True)
 class RewireOptions:
-    """Options of the rewiring cycle; defaults are the paper's (see README "Options")."""
+    """Options of the rewiring cycle; defaults are the paper's. Every ambiguity of the paper is an
+    option (docs/algorithm.md). Invalid values raise ValueError naming the field.
+
+    Attributes:
+        steps: Adam steps per phase (n).
+        interval: tokens generated between phases (m).
+        lr: Adam learning rate.
+        weight_decay: L2 term added to the gradient before the moments (as `torch.optim.Adam`).
+        eps: Adam epsilon.
+        b1: Adam first-moment decay.
+        b2: Adam second-moment decay.
+        selection: which layers are updated: soft | hard | all | random | reverse | last_k | none.
+        ratio: fraction of layers kept by hard / random / reverse: max(1, floor(ratio * L)).
+        soft_mode: soft weights scale each layer's update ('lr') or its gradient ('grad').
+        confidence: layer score C_l as in Eq. 3 ('paper') or 1 / C_l ('inverse').
+        loss: next-token cross-entropy per sequence: 'mean' or 'sum' over target tokens.
+        persist_optimizer: keep one Adam state per sequence across phases (False: fresh each phase).
+        continuous: re-optimise every `interval` tokens (False: only on the prompt).
+        last_k: layers used by selection='last_k'.
+        seed: seeds selection='random'.
+        cache_below: compute the layers below the lowest updated layer once per phase (same result).
+    """
 
     steps: int = 5                 # Adam steps per phase (n)
     interval: int = 128            # tokens generated between phases (m)
@@ -61,6 +82,8 @@ class RewireOptions:
 
 
 class PhaseOutput(NamedTuple):
+    """What one optimisation phase returns (`Rewirer.step`, `rewire.run_phase`)."""
+
     deltas: Any        # [B, L_moe, E] (or [L_moe, E] if given unbatched)
     opt_state: Any     # Adam state to pass to the next phase
     loss: Any          # [B] context loss at the first step (before this phase's updates)

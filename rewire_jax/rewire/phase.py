@@ -10,7 +10,7 @@ with per-layer weights/selection computed once from the first step's forward (la
 Eq. 2-4). Gradients are taken w.r.t. the deltas only. The Adam update is optax's, vmapped over
 (sequence, layer) so every layer has its own step count: a layer that is not selected gets no
 moment update, no step and no decay, as torch.optim.Adam does for a parameter whose grad is None.
-See shared/docs/rewiring-algorithm.md for every choice and README "Options".
+See shared/docs/rewiring-algorithm.md for every choice and docs/algorithm.md.
 
 Speed (same results as the plain path, which the tests check):
 - Layers below the lowest *updated* layer do not change during a phase (their deltas are frozen
