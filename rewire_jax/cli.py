@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).parent / "demo" / "model"
+from .demo import DEMO_MODEL
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..api import Model, check_token_ids
-from ..rewire import RewireOptions, bucket_length, run_phase, start_cycle
+from ..rewire import RewireOptions, bucket_length, start_cycle
 from ..model.transformer import batched_route, prepare_params
 from .decode import DecodeState, decode, prefill
+from .grouping import phase_grouped
 from .sampling import Sampling
 
 
@@ -143,7 +144,6 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
             if need_phase:
                 t0 = time.perf_counter()
                 # rows grouped by context bucket: a short context does not pay for the longest
-                from .queue import phase_grouped
                 cycle, out = phase_grouped(params, cycle, state.buf, cur, ~done, cache_len, cfg, opts, dispatch)
                 t1 = time.perf_counter()
                 timing["optimise"] += t1 - t0
