@@ -79,3 +79,19 @@ def test_compile_cache_dir_is_per_backend_and_cpu(monkeypatch, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="--no-compile-cache"):
         compile_cache.enable(tmp_path / "file" / "sub")
+
+
+def test_demo_tokenizer_is_autotokenizers_without_torch():
+    """The generic fast tokenizer is read directly (AutoTokenizer would read the model config and
+    import torch on the way, ~7 s of the CLI's start): the same tokenizer, and no torch."""
+    from rewire_jax.api import import_transformers, load_tokenizer
+
+    ours, auto = load_tokenizer(DEMO_MODEL), import_transformers().AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    assert type(ours) is type(auto) and ours.get_vocab() == auto.get_vocab()
+    assert ours.all_special_tokens == auto.all_special_tokens and ours.eos_token_id == auto.eos_token_id
+    text = (DEMO_MODEL / "MODEL_CARD.md").read_text()
+    assert ours.encode(text, add_special_tokens=False) == auto.encode(text, add_special_tokens=False)
+    code = ("import sys; from rewire_jax.api import load_tokenizer; from rewire_jax.cli import DEMO_MODEL; "
+            "assert load_tokenizer(DEMO_MODEL) is not None; print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
