@@ -84,11 +84,12 @@ def _run(model, prompt, a, rewire, label: str):
     from .generation import Sampling, generate
 
     printed = [0]
-    stream = not a.quiet
+    # stream only what is printed: a callback makes `generate` decode in short (32-token) chunks, and
+    # every chunk's attention window is one more compiled decode program (--compare: 8 instead of 2,
+    # which the rewired run then shares with the baseline)
+    stream = model.tokenizer is not None and not a.quiet and not a.compare
 
     def on_segment(_, toks):
-        if model.tokenizer is None or a.quiet or a.compare:
-            return
         text = model.decode(toks[0])
         sys.stdout.write(text[printed[0]:])
         sys.stdout.flush()

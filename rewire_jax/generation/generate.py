@@ -120,6 +120,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     lengths = np.array([len(p) for p in ids], np.int32)
     cycle = start_cycle(cfg, opts or RewireOptions(), B, deltas)
     params = prepare_params(model.params, cfg)   # unrolled stacks: per-layer buffers, once per call
+    cycle = _committed_like(cycle, params)
     state = DecodeState(jnp.asarray(buf), jnp.asarray(lengths), None, jnp.zeros(B, bool),
                         jnp.zeros(B, jnp.int32), jax.random.key(seed))
     eos_arr = jnp.asarray(np.array(eos, np.int32).reshape(-1))
@@ -174,6 +175,18 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     timing["total"] = time.perf_counter() - t_start
     texts = [model.decode(t) for t in new_tokens] if model.tokenizer is not None else None
     return GenerationResult(new_tokens, np.asarray(cycle.deltas), phases, timing, texts)
+
+
+def _committed_like(cycle, params):
+    """The start deltas and Adam state placed like the params when those sit committed on one device:
+    a phase's outputs are, so a baseline call (never a phase) and a rewired call then share their
+    compiled decode programs (jit's cache keys on the arguments' placement; results unchanged)."""
+    leaf = jax.tree.leaves(params)[0]
+    sharding = getattr(leaf, "sharding", None)
+    if getattr(leaf, "committed", False) and isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return cycle._replace(deltas=jax.device_put(cycle.deltas, sharding),
+                              opt_state=jax.device_put(cycle.opt_state, sharding))
+    return cycle
 
 
 def _new_tokens(state: DecodeState, prompt_lengths) -> tuple[int, list[list[int]]]:
