@@ -124,6 +124,8 @@ def generate_main(a) -> int:
     if not a.no_compile_cache:   # before the first compilation
         from . import compile_cache
         compile_cache.enable(a.compile_cache or compile_cache.default_dir())
+    # decided before the line below: the summary's forward is sharded, so every process runs it or none
+    want_summary = not a.baseline and (not a.quiet or bool(a.json))
     if not distributed.is_main():   # every host runs the same command; only process 0 prints and writes
         a.quiet, a.json = True, None
     model = load(model_dir, dtype=a.dtype, dispatch=a.dispatch, mesh=a.mesh)
@@ -157,7 +159,7 @@ def generate_main(a) -> int:
             print((a.prompt or "") + body)
     main_run = runs.get("rewired", runs.get("baseline"))
     summary = None
-    if "rewired" in runs:   # every process (a sharded forward): independent of --quiet / is_main
+    if want_summary:
         from .analysis import summarize
         r = runs["rewired"]
         summary = summarize(model, prompt, r.tokens[0], r.deltas[0], r.phase_dicts())
