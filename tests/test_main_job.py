@@ -83,7 +83,7 @@ def test_compile_cache_dir_is_per_backend_and_cpu(monkeypatch, tmp_path):
 
 def test_demo_tokenizer_is_autotokenizers_without_torch():
     """The generic fast tokenizer is read directly (AutoTokenizer would read the model config and
-    import torch on the way, ~7 s of the CLI's start): the same tokenizer, and no torch."""
+    import transformers' configuration code and torch on the way): the same tokenizer, no torch."""
     from rewire_jax.api import import_transformers, load_tokenizer
 
     ours, auto = load_tokenizer(DEMO_MODEL), import_transformers().AutoTokenizer.from_pretrained(str(DEMO_MODEL))
