@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -104,11 +105,28 @@ def import_transformers():
     return sys.modules["transformers"]
 
 
+#: tokenizer_config.json classes that are the generic fast tokenizer (tokenizer.json alone)
+GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def load_tokenizer(path: str | Path):
     path = Path(path)
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
-    return import_transformers().AutoTokenizer.from_pretrained(str(path))
+    transformers = import_transformers()
+    if (path / "tokenizer.json").exists() and _tokenizer_class(path) in GENERIC_TOKENIZERS:
+        # the same tokenizer AutoTokenizer builds, without reading the model config first: that
+        # imports transformers' configuration code (and torch): ~2.5 s on a loaded 2-core machine
+        # even with torch already imported (RoPE imports torch at trace time, model/layers.py)
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def _tokenizer_class(path: Path) -> Optional[str]:
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load(path: str | Path, dtype: str = "float32", progress: bool = False, dispatch: Optional[str] = None,

@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).parent / "demo" / "model"
+from .demo import DEMO_MODEL
+
+NEXT_STEPS = ("next: `rewire-jax eval --help` scores rewiring on benchmark tasks (HumanEval, MATH, ...); "
+              "the documentation (the algorithm, its options, evaluation, the API) is under docs/")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no streaming / per-phase lines")
     g.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("REWIRE_JAX_COMPILE_CACHE"),
                    help="keep compiled XLA programs in DIR (JAX's persistent compilation cache; env "
-                        "REWIRE_JAX_COMPILE_CACHE): a rerun skips most compilation. Use one DIR per "
-                        "machine type (compiled code is specific to the host's CPU/GPU)")
+                        "REWIRE_JAX_COMPILE_CACHE; default: a per-user directory keyed by backend and CPU "
+                        "features, ~/.cache/rewire-jax/jax-cache/<backend>-<hash>): a rerun skips most "
+                        "compilation")
+    g.add_argument("--no-compile-cache", action="store_true", help="compile everything, keep nothing on disk")
     from .eval import cli as eval_cli
     eval_cli.add_parser(sub)
     # parsed by lm-eval itself (`_main` hands everything after `lm-eval` to it); listed here for --help
@@ -92,11 +97,12 @@ def _run(model, prompt, a, rewire, label: str):
     from .generation import Sampling, generate
 
     printed = [0]
-    stream = not a.quiet
+    # stream only what is printed: a callback makes `generate` decode in short (32-token) chunks, and
+    # every chunk's attention window is one more compiled decode program (--compare: 8 instead of 2,
+    # which the rewired run then shares with the baseline)
+    stream = model.tokenizer is not None and not a.quiet and not a.compare
 
     def on_segment(_, toks):
-        if model.tokenizer is None or a.quiet or a.compare:
-            return
         text = model.decode(toks[0])
         sys.stdout.write(text[printed[0]:])
         sys.stdout.flush()
@@ -121,23 +127,18 @@ def generate_main(a) -> int:
 
     from .api import load
 
-    if a.compile_cache:
-        import jax
-        cache_dir = Path(a.compile_cache).expanduser()
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--compile-cache {a.compile_cache!r} is not a usable directory ({e}); "
-                             f"pass a writable directory or leave the option out") from None
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     model_dir = a.model or DEMO_MODEL
     if a.model is None and not (DEMO_MODEL / "config.json").exists():
         print("error: the bundled demo model is missing from this install; pass --model DIR", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     from . import distributed
-    distributed.from_args(a)
+    distributed.from_args(a)   # before anything touches the backend
+    if not a.no_compile_cache:   # before the first compilation
+        from . import compile_cache
+        compile_cache.enable(a.compile_cache or compile_cache.default_dir())
+    # decided before the line below: the summary's forward is sharded, so every process runs it or none
+    want_summary = not a.baseline and (not a.quiet or bool(a.json))
     if not distributed.is_main():   # every host runs the same command; only process 0 prints and writes
         a.quiet, a.json = True, None
     model = load(model_dir, dtype=a.dtype, dispatch=a.dispatch, mesh=a.mesh)
@@ -169,15 +170,24 @@ def generate_main(a) -> int:
             body = r.texts[0] if r.texts else " ".join(map(str, r.tokens[0]))
             print(f"\n===== {name} ({len(r.tokens[0])} tokens, {r.timing['total']:.1f}s) =====")
             print((a.prompt or "") + body)
-        for p in runs["rewired"].phase_dicts():
-            print(f"phase @ {p['context_len']:>5} tokens: loss {p['loss_before']:.4f} -> {p['loss_after']:.4f}")
     main_run = runs.get("rewired", runs.get("baseline"))
+    summary = None
+    if want_summary:
+        from .analysis import summarize
+        r = runs["rewired"]
+        summary = summarize(model, prompt, r.tokens[0], r.deltas[0], r.phase_dicts())
+    if summary is not None and not a.quiet:
+        print(f"\n===== what rewiring did =====\n{summary.table()}")
+    if not a.quiet:
+        print(NEXT_STEPS)
     if a.json:
         out = {"tokens": main_run.tokens[0], "text": main_run.texts[0] if main_run.texts else None,
                "deltas": np.asarray(main_run.deltas[0]).tolist(), "moe_layers": list(model.config.moe_layers),
                "phases": main_run.phase_dicts(),
                "timing": {**main_run.timing, "load": t_load}, "options": None if a.baseline else vars(opts)}
         out["timing"]["wall"] = time.perf_counter() - t0
+        if summary is not None:
+            out["summary"] = summary.to_dict()
         if a.compare:
             b = runs["baseline"]
             out["baseline"] = {"tokens": b.tokens[0], "text": b.texts[0] if b.texts else None}

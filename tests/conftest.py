@@ -7,6 +7,36 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
+#: env var naming the run's shared compilation cache (set by the controller, inherited by the xdist
+#: workers and by every subprocess the tests spawn)
+CACHE_ENV = "REWIRE_JAX_TEST_COMPILE_CACHE"
+
+
+@pytest.hookimpl(trylast=True)   # after the tmp_path plugin set up the basetemp
+def pytest_configure(config):
+    """One JAX persistent compilation cache per test run, `<run's basetemp>/jax-cache`, shared by
+    the xdist workers and the subprocesses the tests start (workers, CLI runs, notebook kernels):
+    a program compiled by one file is loaded, not compiled again, by the next. Every program is
+    kept (no minimum compile time or size). Subprocesses get it through JAX's own env vars, read
+    when jax is imported; this process (and each worker) through jax.config."""
+    cache = os.environ.get(CACHE_ENV)
+    if not cache:   # the controller (or a run without xdist)
+        cache = str(config._tmp_path_factory.getbasetemp() / "jax-cache")
+        os.makedirs(cache, exist_ok=True)
+        os.environ[CACHE_ENV] = cache
+    os.environ.update({"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                       "REWIRE_JAX_COMPILE_CACHE": cache})   # the CLI's default, for its subprocess runs
+    import jax
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):   # the controller: the next run starts from its own cache
+        os.environ.pop(CACHE_ENV, None)
+
 import hf_models  # noqa: E402
 
 # The torch oracles run tiny models: one intra-op thread is fastest, and on a shared 2-core machine

@@ -8,7 +8,7 @@ import pytest
 
 import hf_models
 from rewire_jax import RewireOptions
-from rewire_jax.generation.queue import _pow2, phase_grouped, plan_groups
+from rewire_jax.generation.grouping import _pow2, phase_grouped, plan_groups
 from rewire_jax.generation.sampling import greedy
 from rewire_jax.model import dispatch as D
 from rewire_jax.model import layers as L

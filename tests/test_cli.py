@@ -1,5 +1,6 @@
 """`rewire-jax generate` end to end on a tiny model (in-process and as a subprocess)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,15 @@ def test_cli_errors_are_clear(hf_dirs, tmp_path):
     (tmp_path / "a_file").write_text("")
     r = run("--model", str(d), "--prompt-ids", "1", "--compile-cache", str(tmp_path / "a_file"))
     assert r.returncode == 2 and "--compile-cache" in r.stderr and "not a usable directory" in r.stderr
+
+
+def test_no_compile_cache_writes_nothing(hf_dirs, tmp_path):
+    """The compile cache is on by default (test_main_job); --no-compile-cache keeps nothing."""
+    _, d = hf_dirs("olmoe")
+    env = {k: v for k, v in os.environ.items() if k not in ("REWIRE_JAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "home-cache")
+    r = subprocess.run([sys.executable, "-m", "rewire_jax.cli", "generate", "--model", str(d), "--prompt-ids",
+                        "5,6,7", "--max-new-tokens", "4", "--interval", "2", "--no-compile-cache", "--quiet"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "home-cache").exists()

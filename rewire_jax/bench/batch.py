@@ -39,9 +39,9 @@ import numpy as np
 def _load(name: str, seed: int = 0):
     import rewire_jax
     if name == "demo":
-        from rewire_jax.cli import DEMO_MODEL
+        from rewire_jax.demo import DEMO_MODEL
         return rewire_jax.load(DEMO_MODEL), str(DEMO_MODEL)
-    from .run import Shape, build_hf
+    from .models import Shape, build_hf
     hf = build_hf(Shape(), seed)
     from .perf import scratch_dir
     d = scratch_dir("rewire_batch_")

@@ -205,7 +205,7 @@ print(json.dumps({"context": T, "remat": remat, "peak_above_weights": max(peak[0
 
 def bench_phase(a):
     import numpy as np
-    from .run import Shape, build_hf
+    from .models import Shape, build_hf
     root = Path(a.dir or scratch_dir("rewire_phase_"))
     src = root / "bench_model"
     if not (src / "config.json").exists():

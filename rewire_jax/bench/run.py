@@ -38,35 +38,12 @@ from typing import Optional
 import numpy as np
 
 from .sections import dispatch_table, split_benchmark  # noqa: F401
+from .models import Shape, build_hf  # noqa: F401  (the benchmark's model; re-exported)
 from .perf import (_timed, count_compiles, head_flops, layer_flops, matmul_peak, numpy_peak,  # noqa: F401
                    phase_flops, scratch_dir, shape_ceiling)
 
 
 # -- the model ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    hidden: int = 512
-    layers: int = 8
-    heads: int = 8
-    experts: int = 32
-    top_k: int = 4
-    intermediate: int = 256
-    vocab: int = 8192
-    init_std: float = 0.02
-
-
-def build_hf(shape: Shape, seed: int = 0):
-    import torch
-    import transformers
-    torch.manual_seed(seed)
-    cfg = transformers.OlmoeConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-        num_experts=shape.experts, num_experts_per_tok=shape.top_k, max_position_embeddings=8192,
-        initializer_range=shape.init_std, eos_token_id=None, pad_token_id=None, bos_token_id=None)
-    return transformers.OlmoeForCausalLM(cfg).to(torch.float32).eval()
-
 
 # -- the PyTorch way ---------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ def _pass(model, task, probs, batch, opts, budget, backend):
 
 def main(argv=None) -> int:
     from rewire_jax import RewireOptions, load
-    from rewire_jax.cli import DEMO_MODEL
+    from rewire_jax.demo import DEMO_MODEL
 
     from . import backend as B
     from .tasks import get_task

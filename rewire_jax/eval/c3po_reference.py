@@ -108,7 +108,7 @@ def main(a) -> int:
     import sys
 
     from rewire_jax.api import load
-    from rewire_jax.cli import DEMO_MODEL
+    from rewire_jax.demo import DEMO_MODEL
 
     from .runner import SimulatedKill
 

@@ -160,7 +160,7 @@ def _c3po_references(text: str):
 
 def run_main(a) -> int:
     from rewire_jax.api import load
-    from rewire_jax.cli import DEMO_MODEL
+    from rewire_jax.demo import DEMO_MODEL
 
     from .report import markdown, write_report
     from .runner import EvalConfig, SimulatedKill, run_eval

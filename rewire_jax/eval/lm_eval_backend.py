@@ -114,7 +114,7 @@ class RewireLM(TemplateLM):
         self.seed = int(seed)
         if model is None:
             from .. import load
-            from ..cli import DEMO_MODEL
+            from ..demo import DEMO_MODEL
             model = load(pretrained or DEMO_MODEL, dtype=str(dtype), dispatch=dispatch, revision=revision)
         elif pretrained is not None:
             raise ValueError("give either pretrained= (a path to load) or model= (a loaded model), not both")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generation.queue import phase_token_cap
+from ..generation.grouping import phase_token_cap
 from ..model import forward, token_nll, zero_deltas
 from ..model.config import ModelConfig
 from ..rewire import RewireOptions, bucket_length, run_phase, start_cycle

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..api import Model, load
-from ..cli import DEMO_MODEL
+from ..demo import DEMO_MODEL
 from ..model import forward, span_nll as _span_nll, zero_deltas
 from ..rewire import RewireOptions, run_phase, start_cycle
 

@@ -3,6 +3,7 @@
   sampling.py  Sampling options and `sample` (explicit PRNG key)
   decode.py    `prefill` and `decode` (a lax.while_loop over a fixed-size KV cache)
   generate.py  `generate`: phase -> prefill -> decode `interval` tokens -> phase -> ...
+  grouping.py  rows grouped by context bucket for the optimisation phase (used by both)
   queue.py     `generate_queue`: any number of prompts through a batch kept full (refilled rows)
 """
 from .decode import DecodeState, cache_rows, decode, prefill

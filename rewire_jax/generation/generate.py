@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..api import Model, check_token_ids
-from ..rewire import RewireOptions, bucket_length, run_phase, start_cycle
+from ..rewire import RewireOptions, bucket_length, start_cycle
 from ..model.transformer import batched_route, prepare_params
 from .decode import DecodeState, decode, prefill
+from .grouping import phase_grouped
 from .sampling import Sampling
 
 
@@ -122,6 +123,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     lengths = np.array([len(p) for p in ids], np.int32)
     cycle = start_cycle(cfg, opts or RewireOptions(), B, deltas)
     params = prepare_params(model.params, cfg)   # unrolled stacks: per-layer buffers, once per call
+    cycle = _committed_like(cycle, params)
     state = DecodeState(jnp.asarray(buf), jnp.asarray(lengths), None, jnp.zeros(B, bool),
                         jnp.zeros(B, jnp.int32), jax.random.key(seed))
     eos_arr = jnp.asarray(np.array(eos, np.int32).reshape(-1))
@@ -146,7 +148,6 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
             if need_phase:
                 t0 = time.perf_counter()
                 # rows grouped by context bucket: a short context does not pay for the longest
-                from .queue import phase_grouped
                 cycle, out = phase_grouped(params, cycle, state.buf, cur, ~done, cache_len, cfg, opts, dispatch)
                 t1 = time.perf_counter()
                 timing["optimise"] += t1 - t0
@@ -177,6 +178,18 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     timing["total"] = time.perf_counter() - t_start
     texts = [model.decode(t) for t in new_tokens] if model.tokenizer is not None else None
     return GenerationResult(new_tokens, np.asarray(cycle.deltas), phases, timing, texts)
+
+
+def _committed_like(cycle, params):
+    """The start deltas and Adam state placed like the params when those sit committed on one device:
+    a phase's outputs are, so a baseline call (never a phase) and a rewired call then share their
+    compiled decode programs (jit's cache keys on the arguments' placement; results unchanged)."""
+    leaf = jax.tree.leaves(params)[0]
+    sharding = getattr(leaf, "sharding", None)
+    if getattr(leaf, "committed", False) and isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return cycle._replace(deltas=jax.device_put(cycle.deltas, sharding),
+                              opt_state=jax.device_put(cycle.opt_state, sharding))
+    return cycle
 
 
 def _new_tokens(state: DecodeState, prompt_lengths) -> tuple[int, list[list[int]]]:

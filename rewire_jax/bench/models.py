@@ -1,0 +1,28 @@
+"""The benchmarks' model: an OLMoE-shaped HF model with random weights, built locally (no download)."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    hidden: int = 512
+    layers: int = 8
+    heads: int = 8
+    experts: int = 32
+    top_k: int = 4
+    intermediate: int = 256
+    vocab: int = 8192
+    init_std: float = 0.02
+
+
+def build_hf(shape: Shape, seed: int = 0):
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    cfg = transformers.OlmoeConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+        num_experts=shape.experts, num_experts_per_tok=shape.top_k, max_position_embeddings=8192,
+        initializer_range=shape.init_std, eos_token_id=None, pad_token_id=None, bos_token_id=None)
+    return transformers.OlmoeForCausalLM(cfg).to(torch.float32).eval()
