@@ -22,10 +22,12 @@ def _version(dist: str) -> str | None:
 def collect() -> dict:
     """The report as a dict: `rewire_jax`, `python`, `platform`, `packages` {name: version or None},
     `backend`, `devices` [str], `process_count`, `compile_cache` (JAX's
-    `jax_compilation_cache_dir`, None when no persistent compilation cache is configured)."""
+    `jax_compilation_cache_dir`, None when no persistent compilation cache is configured),
+    `cli_compile_cache` (where `rewire-jax generate` keeps compiled programs unless
+    `--no-compile-cache`: `$REWIRE_JAX_COMPILE_CACHE` or `compile_cache.default_dir()`)."""
     import jax
 
-    from . import __version__
+    from . import __version__, compile_cache
 
     return {
         "rewire_jax": __version__,
@@ -37,6 +39,7 @@ def collect() -> dict:
         "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count(),
         "compile_cache": jax.config.jax_compilation_cache_dir or None,
+        "cli_compile_cache": str(os.environ.get("REWIRE_JAX_COMPILE_CACHE") or compile_cache.default_dir()),
     }
 
 
@@ -48,6 +51,7 @@ def format_report(info: dict) -> str:
     rows += [("backend", info["backend"]),
              ("devices", f"{len(info['devices'])}: " + ", ".join(info["devices"])),
              ("processes", info["process_count"]),
-             ("compile cache", info["compile_cache"] or "not configured (jax_compilation_cache_dir unset)")]
+             ("compile cache", info["compile_cache"] or "not configured (jax_compilation_cache_dir unset)"),
+             ("cli compile cache", f"{info['cli_compile_cache']} (rewire-jax generate; --no-compile-cache: none)")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -38,6 +38,8 @@ def test_env_json_reports_this_process(capsys):
     assert info["backend"] == jax.default_backend()
     assert info["devices"] == [str(d) for d in jax.devices()]
     assert info["compile_cache"] == (jax.config.jax_compilation_cache_dir or None)
+    from rewire_jax import compile_cache
+    assert info["cli_compile_cache"] == str(os.environ.get("REWIRE_JAX_COMPILE_CACHE") or compile_cache.default_dir())
 
 
 def test_env_text_names_the_compile_cache(tmp_path):
