@@ -8,6 +8,7 @@ import sys as _sys
 
 from . import rewire
 from .api import Model, load
+from .conversation import Conversation, TurnPolicy, reply_many
 from .generation import GenerationResult, PhaseRecord, QueueResult, Sampling, generate, generate_queue
 from .model import ModelConfig, forward, init_params, zero_deltas
 from .rewire import PhaseOutput, RewireOptions, Rewirer, rewirer
@@ -28,7 +29,7 @@ for _old, _new in {"decode": _decode, "checkpoint": _checkpoint, "export": _expo
     _sys.modules.setdefault(f"{__name__}.{_old}", _new)
     globals().setdefault(_old, _new)
 
-__all__ = ["GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord", "RewireOptions",
+__all__ = ["Conversation", "TurnPolicy", "reply_many", "GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord", "RewireOptions",
            "QueueResult", "Rewirer", "Sampling", "forward", "generate", "generate_queue", "init_params", "load", "rewire", "rewirer",
            "zero_deltas"]
 __version__ = "0.2.0"
