@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep compiled XLA programs in DIR (JAX's persistent compilation cache; env "
                         "REWIRE_JAX_COMPILE_CACHE): a rerun skips most compilation. Use one DIR per "
                         "machine type (compiled code is specific to the host's CPU/GPU)")
+    from .conversation import repl
+    repl.add_parser(sub)
     from .eval import cli as eval_cli
     eval_cli.add_parser(sub)
     # parsed by lm-eval itself (`_main` hands everything after `lm-eval` to it); listed here for --help
@@ -193,6 +195,9 @@ def _main(argv) -> int:
     try:
         if a.command == "generate":
             return generate_main(a)
+        if a.command == "chat":
+            from .conversation import repl
+            return repl.main(a)
         if a.command == "eval":
             from .eval import cli as eval_cli
             return eval_cli.main(a)
