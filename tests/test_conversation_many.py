@@ -9,10 +9,6 @@ from rewire_jax.conversation.state import ConversationState
 OPENERS = ["def add(a, b):", "class Stack:", "import os", "for i in range(3):"]
 
 
-def _clone(c: Conversation) -> Conversation:
-    return Conversation(c.model, c.options, chat_template=c.template, policy=c.policy, _state=c.state.copy())
-
-
 @pytest.fixture(scope="module")
 def convs():
     """4 conversations with 0, 1, 2 and 1 earlier turns (contexts of different lengths)."""
@@ -29,7 +25,7 @@ def convs():
 def test_reply_many_equals_each_alone(convs):
     texts = ["continue", "more please", "next", "go on"]
     budgets = [NEW, 3, NEW + 2, 5]
-    alone = [_clone(c).reply(t, b) for c, t, b in zip(convs, texts, budgets)]
+    alone = [c.copy().reply(t, b) for c, t, b in zip(convs, texts, budgets)]
     assert len({len(a.context) for a in alone}) == 4
     many = reply_many(convs, texts, budgets, batch_size=2)
     for a, m, c in zip(alone, many, convs):

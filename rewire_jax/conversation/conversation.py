@@ -100,6 +100,13 @@ class Conversation:
         """[L_moe, E] the deltas the next turn starts from (before the carry policy)."""
         return self.state.deltas[0]
 
+    def copy(self) -> "Conversation":
+        """An independent conversation with the same model, options, policy, template and state."""
+        c = Conversation(self.model, self.options, chat_template=self.template, policy=self.policy,
+                         _state=self.state.copy())
+        c.rewiring = self.rewiring
+        return c
+
     def reset(self, keep_system: bool = True) -> None:
         """Forget the history, deltas and Adam state (the system message stays unless told)."""
         system = [m for m in self.state.messages[:1] if m["role"] == "system"] if keep_system else []
