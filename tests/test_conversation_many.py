@@ -11,13 +11,15 @@ OPENERS = ["def add(a, b):", "class Stack:", "import os", "for i in range(3):"]
 
 @pytest.fixture(scope="module")
 def convs():
-    """4 conversations with 0, 1, 2 and 1 earlier turns (contexts of different lengths)."""
+    """4 conversations whose contexts differ in length: different system messages and openers, one
+    with an earlier turn (so also different deltas and Adam states to start from)."""
     model = demo_model()
+    systems = [None, "tiny helpers", "you write short, well tested Python functions", None]
     out = []
-    for i, (opener, earlier) in enumerate(zip(OPENERS, [0, 1, 2, 1])):
-        c = Conversation(model, OPTS, system="tiny helpers" if i % 2 else None, chat_template=TEMPLATE)
-        for k in range(earlier):
-            c.reply(f"{opener} # part {k}", 4 + i)
+    for i, (opener, system) in enumerate(zip(OPENERS, systems)):
+        c = Conversation(model, OPTS, system=system, chat_template=TEMPLATE)
+        if i == 3:
+            c.reply(f"{opener} # part 0", 5)
         out.append(c)
     return out
 
