@@ -21,6 +21,7 @@ def _spawn(*extra):
     child = pexpect.spawn(sys.executable, ARGS + list(extra), env=env, encoding="utf-8", timeout=TIMEOUT,
                           dimensions=(40, 160))
     child.expect("/help for commands")
+    child.banner = child.before     # what the start printed (e.g. "loaded 2 turns from ...")
     child.expect_exact("you> ")
     return child
 
@@ -57,7 +58,7 @@ def test_repl_two_turns_deltas_save_restart_continue(tmp_path):
     assert child.exitstatus == 0
 
     child = _spawn("--state", str(state))
-    assert "loaded 2 turns" in child.before
+    assert f"loaded 2 turns from {state}" in child.banner
     assert _turn(child, "and divide") >= 1
     child.sendline("/save")
     child.expect("saved 3 turns")
