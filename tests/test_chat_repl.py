@@ -3,6 +3,7 @@
 the conversation; bad commands are clear errors."""
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,7 @@ def test_repl_errors_and_empty_lines(tmp_path):
     child.expect_exact("you> ")
     child.sendline("def slow():")     # the first reply compiles for a while: Ctrl-C lands inside it
     child.expect_exact("def slow():")
+    time.sleep(2)                     # let input() return: the interrupt must land in the reply
     child.sendintr()
     child.expect_exact("[stopped: the conversation is as it was before this message]")
     child.expect_exact("you> ")
