@@ -139,7 +139,7 @@ def test_bad_input_changes_nothing(model):
     with pytest.raises(ValueError, match="steps must be >= 1"):
         conv.set_options(steps=0)
     with pytest.raises(ValueError, match="exceeds the model's maximum of 1024 positions.*overflow='trim'"):
-        conv.reply("x " * 600, NEW)
+        conv.reply(" ".join(str(i) for i in range(1500)), NEW)   # 3707 tokens
     assert (list(conv.tokens), list(conv.messages)) == snap[:2] and np.array_equal(conv.deltas, snap[2])
     for bad in (dict(carry="forget"), dict(carry="decay:2"), dict(periodic=True, before_reply=False),
                 dict(between_turns=True, carry="reset"), dict(overflow="wrap")):
@@ -148,12 +148,18 @@ def test_bad_input_changes_nothing(model):
 
 
 def test_overflow_trim_drops_the_oldest_exchanges(model):
-    conv = Conversation(model, OPTS, system="keep me", chat_template=TEMPLATE, policy=TurnPolicy(overflow="trim"))
-    conv.reply("first " * 150, 4)
-    conv.reply("second " * 150, 4)
-    r = conv.reply("third " * 150, 4)
-    assert r.trimmed >= 2
+    """A model limited to 128 positions (the same weights): the third long message does not fit
+    with the first two, so the oldest exchange is dropped and the history re-tokenised."""
+    short = rewire_jax.api.Model(model.config.replace(max_position_embeddings=128), model.params, model.tokenizer,
+                                 model.path)
+    conv = Conversation(short, OPTS, system="keep me", chat_template=TEMPLATE, policy=TurnPolicy(overflow="trim"))
+    assert conv.reply("first " * 40, 4).trimmed == 0           # 41 tokens each
+    assert conv.reply("second " * 40, 4).trimmed == 0
+    r = conv.reply("third " * 40, 4)
+    assert r.trimmed == 2
     assert conv.messages[0] == {"role": "system", "content": "keep me"}
-    assert not any(m["content"].startswith("first") for m in conv.messages)
-    assert len(r.context) + 4 <= model.config.max_position_embeddings
+    assert [m["content"].split()[0] for m in conv.messages[1:] if m["role"] == "user"] == ["second", "third"]
+    assert len(r.context) + 4 <= 128
     assert model.decode(r.context) == render(model.tokenizer, TEMPLATE, conv.messages[:-1], True)
+    with pytest.raises(ValueError, match="exceeds the model's maximum of 128 positions"):
+        conv.reply("x " * 130, 4)        # alone too long: an error even with trim
