@@ -155,10 +155,10 @@ def test_overflow_trim_drops_the_oldest_exchanges(model):
     conv = Conversation(short, OPTS, system="keep me", chat_template=TEMPLATE, policy=TurnPolicy(overflow="trim"))
     assert conv.reply("first " * 40, 4).trimmed == 0           # 41 tokens each
     assert conv.reply("second " * 40, 4).trimmed == 0
-    r = conv.reply("third " * 40, 4)
+    r = conv.reply("return " * 40, 4)
     assert r.trimmed == 2
     assert conv.messages[0] == {"role": "system", "content": "keep me"}
-    assert [m["content"].split()[0] for m in conv.messages[1:] if m["role"] == "user"] == ["second", "third"]
+    assert [m["content"].split()[0] for m in conv.messages[1:] if m["role"] == "user"] == ["second", "return"]
     assert len(r.context) + 4 <= 128
     assert model.decode(r.context) == render(model.tokenizer, TEMPLATE, conv.messages[:-1], True)
     with pytest.raises(ValueError, match="exceeds the model's maximum of 128 positions"):
