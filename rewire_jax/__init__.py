@@ -9,6 +9,7 @@ import sys as _sys
 
 from . import modules, rewire
 from .api import Model, load
+from .conversation import Conversation, TurnPolicy, reply_many
 from .generation import GenerationResult, PhaseRecord, QueueResult, Sampling, generate, generate_queue
 from .model import ModelConfig, forward, init_params, zero_deltas
 from .model.decoder import CausalLM, from_config
@@ -30,7 +31,8 @@ for _old, _new in {"decode": _decode, "checkpoint": _checkpoint, "export": _expo
     _sys.modules.setdefault(f"{__name__}.{_old}", _new)
     globals().setdefault(_old, _new)
 
-__all__ = ["CausalLM", "GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord", "RewireOptions",
-           "QueueResult", "Rewirer", "Sampling", "forward", "from_config", "generate", "generate_queue", "init_params", "load", "rewire", "rewirer",
+__all__ = ["CausalLM", "Conversation", "GenerationResult", "Model", "ModelConfig", "PhaseOutput", "PhaseRecord",
+           "QueueResult", "RewireOptions", "Rewirer", "Sampling", "TurnPolicy", "forward", "from_config", "generate",
+           "generate_queue", "init_params", "load", "reply_many", "rewire", "rewirer",
            "zero_deltas"]
 __version__ = "0.3.0"   # the only place the version is written (pyproject reads it; CHANGELOG.md)

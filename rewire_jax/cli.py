@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                         "features, ~/.cache/rewire-jax/jax-cache/<backend>-<hash>): a rerun skips most "
                         "compilation")
     g.add_argument("--no-compile-cache", action="store_true", help="compile everything, keep nothing on disk")
+    from .conversation import repl
+    repl.add_parser(sub)
     from .eval import cli as eval_cli
     eval_cli.add_parser(sub)
     # parsed by lm-eval itself (`_main` hands everything after `lm-eval` to it); listed here for --help
@@ -216,6 +218,9 @@ def _main(argv) -> int:
     try:
         if a.command == "generate":
             return generate_main(a)
+        if a.command == "chat":
+            from .conversation import repl
+            return repl.main(a)
         if a.command == "eval":
             from .eval import cli as eval_cli
             return eval_cli.main(a)

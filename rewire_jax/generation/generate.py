@@ -53,6 +53,7 @@ class GenerationResult:
     phases: list[PhaseRecord]
     timing: dict[str, float]       # seconds: optimise, prefill, decode, total (+ compile)
     texts: Optional[list[str]] = None
+    opt_state: Any = None          # final Adam state ([B, ...] leaves, host arrays): continue with generate(opt_state=)
 
     def phase_dicts(self, row: int = 0) -> list[dict]:
         """JSON-friendly per-phase history of one sequence."""
@@ -79,7 +80,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
              sampling: Sampling = Sampling(), seed: int = 0, deltas=None, eos_token_id: Any = "config",
              cache_len: Optional[int] = None, on_segment: Optional[Callable[[int, list[list[int]]], None]] = None,
              on_phase: Optional[Callable[[PhaseRecord], None]] = None, dispatch: Optional[str] = None,
-             route=None) -> GenerationResult:
+             route=None, opt_state=None, segment: Optional[int] = None) -> GenerationResult:
     """Generate with (or, rewire=None / selection='none', without) test-time rerouting.
 
     prompts: a string, a list of token ids, or a list of either (a batch; lengths may differ).
@@ -87,7 +88,15 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     eos_token_id: 'config' (the model's eos ids), None (never stop early), an int or a list.
     cache_len: KV cache rows (default: longest prompt + max_new_tokens, rounded up).
     on_segment(row_count, new_tokens_so_far) is called after every decoded segment (streaming);
+    If on_segment returns True, generation ends there for every row (the tokens so far are
+    returned; no further phase runs): stop strings, a cancelled request.
     on_phase(record) after every optimisation phase.
+    opt_state: the Adam state to start from (default fresh), [B, ...] leaves as `init_opt_state`
+    lays them out, e.g. the `opt_state` of a previous result: with `deltas`, a cycle continues
+    where an earlier call left it (a conversation's next turn).
+    segment: tokens per decode call (default: `interval` with continuous rewiring, else 32 when
+    streaming, else 128). With continuous rewiring it must divide `interval`: phases still come
+    every `interval` tokens, only the streaming granularity changes.
     dispatch: expert dispatch path for this call (default: model.config.dispatch).
     route: None, or a routing override (`rewire_jax.model.moe.RouteOverride`, one for all rows or
     [B, ...] arrays) used in every prefill and decode step (C3PO; not combined with rewiring).
@@ -121,7 +130,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     for b, p in enumerate(ids):
         buf[b, :len(p)] = p
     lengths = np.array([len(p) for p in ids], np.int32)
-    cycle = start_cycle(cfg, opts or RewireOptions(), B, deltas)
+    cycle = start_cycle(cfg, opts or RewireOptions(), B, deltas, opt_state)
     params = prepare_params(model.params, cfg)   # unrolled stacks: per-layer buffers, once per call
     cycle = _committed_like(cycle, params)
     state = DecodeState(jnp.asarray(buf), jnp.asarray(lengths), None, jnp.zeros(B, bool),
@@ -129,17 +138,21 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     eos_arr = jnp.asarray(np.array(eos, np.int32).reshape(-1))
     timing = {"optimise": 0.0, "prefill": 0.0, "decode": 0.0}
     phases: list[PhaseRecord] = []
-    if opts and opts.continuous:
+    if segment is not None and (segment < 1 or (opts and opts.continuous and opts.interval % segment)):
+        raise ValueError(f"segment={segment} must be >= 1 and divide the rewiring interval "
+                         f"({opts.interval if opts else None}): phases come every interval tokens")
+    if segment is None and opts and opts.continuous:
         segment = opts.interval   # one phase per segment
-    else:   # decode in chunks (streaming; and each chunk attends over a window bucket of the cache)
+    elif segment is None:   # decode in chunks (streaming; and each chunk attends over a window bucket of the cache)
         segment = min(max_new_tokens, 32 if on_segment is not None else DECODE_CHUNK)
     cache = None
+    steps_done = 0   # decode steps so far (every live row has made each of them: lock-step)
 
     while True:
         done = np.asarray(state.done)
         if done.all():
             break
-        need_phase = opts is not None and opts.wants_phase(len(phases))
+        need_phase = opts is not None and opts.wants_phase(len(phases)) and steps_done == len(phases) * opts.interval
         if need_phase or cache is None:
             cur = np.asarray(state.lengths)
             Tb = bucket_length(int(cur.max()), cap=cache_len)
@@ -171,13 +184,15 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                               sampling, segment, window, dispatch, route=route)
         jax.block_until_ready(state.num_new)
         timing["decode"] += time.perf_counter() - t0
-        if on_segment:
-            on_segment(*_new_tokens(state, lengths))
+        steps_done += segment
+        if on_segment and on_segment(*_new_tokens(state, lengths)) is True:
+            break
 
     new_tokens = _new_tokens(state, lengths)[1]
     timing["total"] = time.perf_counter() - t_start
     texts = [model.decode(t) for t in new_tokens] if model.tokenizer is not None else None
-    return GenerationResult(new_tokens, np.asarray(cycle.deltas), phases, timing, texts)
+    return GenerationResult(new_tokens, np.asarray(cycle.deltas), phases, timing, texts,
+                            jax.tree.map(np.asarray, cycle.opt_state))
 
 
 def _committed_like(cycle, params):

@@ -62,6 +62,7 @@ class QueueResult:
     timing: dict[str, float]      # seconds: optimise, prefill, decode, total
     stats: dict[str, Any]         # decode row-steps busy / total, phases and sub-batch sizes, refills
     texts: Optional[list[str]] = None
+    opt_states: Optional[list] = None   # final Adam state per prompt ([1, ...] leaves, host arrays)
 
 
 def _as_list(x, n: int, name: str):
@@ -82,14 +83,16 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
                    rewire: Optional[RewireOptions] = None, sampling: Sampling = Sampling(), seed: int = 0,
                    deltas=None, eos_token_id: Any = "config", stops=None, cache_len: Optional[int] = None,
                    dispatch: Optional[str] = None, on_finish=None, route=None,
-                   refill_group: Optional[int] = None) -> QueueResult:
+                   refill_group: Optional[int] = None, opt_state=None) -> QueueResult:
     """Generate for any number of prompts through a batch of `batch_size` rows kept full.
 
     prompts: strings or token-id lists. max_new_tokens: an int or one per prompt. stops: None, a
     list of stop strings for all prompts, or one list per prompt (needs the model's tokenizer): a
     sequence ends at the token that completes a stop string (its tokens are cut after that token,
     its text before the stop string). deltas: initial deltas [L_moe, E] for every sequence (default
-    zeros). on_finish(prompt_index, tokens) is called as each sequence ends. route: None, or a
+    zeros), or [n, L_moe, E], one per prompt. opt_state: None (a fresh Adam state per sequence) or
+    one per prompt ([n, ...] leaves as `init_opt_state` lays them out): with per-prompt deltas, each
+    sequence continues its own cycle (conversations, `rewire_jax.reply_many`). on_finish(prompt_index, tokens) is called as each sequence ends. route: None, or a
     routing override (`rewire_jax.model.moe.RouteOverride`) with one row per prompt ([n, ...] arrays,
     or unbatched for all): a row takes its prompt's override with the prompt (C3PO; not combined
     with rewiring).
@@ -134,7 +137,12 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
     if any(stops):
         step_cap = min(step_cap, STOP_CHECK)
     o = opts or RewireOptions()
-    d0 = batched_deltas(deltas, 1, cfg)[0]
+    per_prompt = deltas is not None and np.ndim(deltas) == 3
+    d0 = batched_deltas(deltas[0] if per_prompt else deltas, 1, cfg)[0]
+    d_init = np.asarray(batched_deltas(deltas, n, cfg)) if per_prompt else None
+    if opt_state is not None:
+        from ..rewire.cycle import checked_opt_state
+        opt_init = jax.tree.map(np.asarray, checked_opt_state(opt_state, init_opt_state(o, jnp.zeros((n, *cfg.delta_shape)))))
 
     params = prepare_params(model.params, cfg)
     buf = np.zeros((B, S), np.int32)
@@ -158,6 +166,7 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
     out_deltas: list = [None] * n
     out_phases: list = [[] for _ in range(n)]
     out_stopped = [False] * n
+    out_opt: list = [None] * n
     timing = {"optimise": 0.0, "prefill": 0.0, "decode": 0.0}
     stats = {"decode_calls": 0, "row_steps_busy": 0, "row_steps_total": 0, "phase_calls": 0,
              "phase_rows": 0, "phase_rows_padded": 0, "prefill_calls": 0, "refills": 0}
@@ -183,11 +192,17 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
             stats["refills"] += len(filled)
             idx = jnp.asarray(_padded_rows(filled, B, _pow2(len(filled), B))[1])
             m = len(idx)
-            d_all = _put(d_all, jnp.broadcast_to(d0, (m, *cfg.delta_shape)) + 0.0, idx)
-            opt_all = _put(opt_all, jax.tree.map(lambda a: jnp.broadcast_to(a, (m,) + a.shape[1:]), fresh_one), idx)
+            which = [int(row_prompt[r]) for r in filled]
+            which += [which[0]] * (m - len(which))
+            if d_init is None:
+                d_all = _put(d_all, jnp.broadcast_to(d0, (m, *cfg.delta_shape)) + 0.0, idx)
+            else:
+                d_all = _put(d_all, jnp.asarray(d_init[which]), idx)
+            if opt_state is None:
+                opt_all = _put(opt_all, jax.tree.map(lambda a: jnp.broadcast_to(a, (m,) + a.shape[1:]), fresh_one), idx)
+            else:
+                opt_all = _put(opt_all, jax.tree.map(lambda a: jnp.asarray(a[which]), opt_init), idx)
             if route_all is not None:
-                which = [int(row_prompt[r]) for r in filled]
-                which += [which[0]] * (m - len(which))
                 route_all = _put(route_all, type(route_np)(*(jnp.asarray(a[which]) for a in route_np)), idx)
 
     def run_pending():
@@ -247,6 +262,7 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
         toks = buf[r, lengths[r] - num_new[r]:lengths[r]].tolist()
         out_tokens[i] = toks if cut is None else toks[:cut]
         out_deltas[i] = np.asarray(d_all[r])
+        out_opt[i] = jax.tree.map(lambda a: np.asarray(a[r:r + 1]), opt_all)
         out_stopped[i] = stopped
         if on_finish:
             on_finish(i, out_tokens[i])
@@ -314,7 +330,7 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
                 at = _find_stop(text, stops[i])
                 text = text[:at] if at >= 0 else text
             texts.append(text)
-    return QueueResult(out_tokens, out_deltas, out_phases, out_stopped, timing, stats, texts)
+    return QueueResult(out_tokens, out_deltas, out_phases, out_stopped, timing, stats, texts, out_opt)
 
 
 def _stop_cut(tok, prompt_ids, new, stops, checked: int) -> Optional[int]:

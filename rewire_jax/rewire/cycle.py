@@ -53,11 +53,29 @@ def check_finite(deltas):
             "weights for NaN, or use float32 (--dtype float32)")
 
 
-def start_cycle(cfg: ModelConfig, opts: RewireOptions, batch: int, deltas=None) -> CycleState:
-    """Deltas (default zeros; [L_moe, E] or [B, L_moe, E]) with a fresh Adam state, phase 0."""
+def start_cycle(cfg: ModelConfig, opts: RewireOptions, batch: int, deltas=None, opt_state=None) -> CycleState:
+    """Deltas (default zeros; [L_moe, E] or [B, L_moe, E]) with a fresh Adam state (or `opt_state`,
+    one per sequence as `init_opt_state` lays it out: to continue a cycle, e.g. a conversation's
+    next turn), phase 0."""
     d = jnp.array(batched_deltas(deltas, batch, cfg))
     check_finite(d)
-    return CycleState(d, init_opt_state(opts, d), 0)
+    fresh = init_opt_state(opts, d)
+    if opt_state is None:
+        return CycleState(d, fresh, 0)
+    return CycleState(d, checked_opt_state(opt_state, fresh), 0)
+
+
+def checked_opt_state(opt_state, like):
+    """opt_state as device arrays (copies: a phase donates its input), with a clear error if its
+    tree or shapes differ from `like` (a fresh state for the same deltas)."""
+    import jax
+    got, want = jax.tree.structure(opt_state), jax.tree.structure(like)
+    shapes = [tuple(np.shape(a)) for a in jax.tree.leaves(opt_state)]
+    if got != want or shapes != [tuple(a.shape) for a in jax.tree.leaves(like)]:
+        raise ValueError(f"opt_state does not match these deltas: leaves {shapes}, expected "
+                         f"{[tuple(a.shape) for a in jax.tree.leaves(like)]} (an Adam state from init_opt_state "
+                         f"for [B, L_moe, E] deltas)")
+    return jax.tree.map(lambda a, f: jnp.array(a, f.dtype), opt_state, like)
 
 
 def run_phase(params, state: CycleState, tokens, lengths, cfg: ModelConfig, opts: RewireOptions,
