@@ -27,7 +27,7 @@ def test_two_processes_match_one(hf_dirs, tmp_path):
     _, d = hf_dirs("olmoe")
     out = tmp_path / "out.json"
     coord = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(d), coord, str(i), str(out), "expert=4,tensor=2"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     logs = [p.communicate(timeout=600) for p in procs]

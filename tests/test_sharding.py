@@ -25,7 +25,7 @@ FULL = os.environ.get("REWIRE_JAX_FULL_SHARDING") == "1"
 
 
 def run_worker(tmp, variants, meshes, generate: bool, timeout=1500, via_converted=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, str(WORKER), str(tmp), "--variants", ",".join(variants), "--meshes", ";".join(meshes)]
     if generate:
         cmd.append("--generate")

@@ -60,7 +60,8 @@ def test_scanned_equals_unrolled(cfg):
     params = jax.tree.map(lambda a: a * 4 if a.ndim > 2 else a, params)    # decisive routing
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 21)), jnp.int32)
     d = jnp.asarray(np.random.default_rng(1).normal(0, 0.3, (2, *cfg.delta_shape)), jnp.float32)
-    outs = {s: forward(params, tokens, d, cfg.replace(scan_layers=s)) for s in (True, False)}
+    fwd = jax.jit(forward, static_argnames="cfg")   # one program per layout, not op-by-op dispatch
+    outs = {s: fwd(params, tokens, d, cfg.replace(scan_layers=s)) for s in (True, False)}
     np.testing.assert_allclose(outs[True][0], outs[False][0], atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(outs[True][1]["idx"], outs[False][1]["idx"])
     opts = rewire_jax.RewireOptions(interval=6, lr=0.05)

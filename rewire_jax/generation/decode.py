@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from ..model import embed, head, positions_for, run_layers, sequence_losses
 from ..model.transformer import join_cache, split_cache, split_layers
 from ..model.config import ModelConfig
+from ..rewire.cycle import bucket_length
 from .sampling import Sampling, sample
 
 
@@ -111,6 +112,14 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
     if cache_rows(full) != S:   # write the window back into the full buffers
         cache = jax.tree.map(lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, axis=2), full, cache)
     return state, cache
+
+
+def decode_window(reach: int, cache_len: int) -> Optional[int]:
+    """The `window` for a decode call whose rows reach position `reach`: its length bucket, or None
+    (the whole cache) when that bucket covers the cache: one compiled program, not one per bucket
+    past the cache length (a window >= the cache rows is the whole cache either way)."""
+    w = bucket_length(reach, cap=cache_len)
+    return None if w >= cache_len else w
 
 
 def cache_rows(cache) -> int:

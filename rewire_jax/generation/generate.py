@@ -21,7 +21,7 @@ import numpy as np
 from ..api import Model, check_token_ids
 from ..rewire import RewireOptions, bucket_length, start_cycle
 from ..model.transformer import batched_route, prepare_params
-from .decode import DecodeState, decode, prefill
+from .decode import DecodeState, decode, decode_window, prefill
 from .grouping import phase_grouped
 from .sampling import Sampling
 
@@ -132,9 +132,10 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     lengths = np.array([len(p) for p in ids], np.int32)
     cycle = start_cycle(cfg, opts or RewireOptions(), B, deltas, opt_state)
     params = prepare_params(model.params, cfg)   # unrolled stacks: per-layer buffers, once per call
-    cycle = _committed_like(cycle, params)
     state = DecodeState(jnp.asarray(buf), jnp.asarray(lengths), None, jnp.zeros(B, bool),
                         jnp.zeros(B, jnp.int32), jax.random.key(seed))
+    deltas0, opt0, state = _committed_like((cycle.deltas, cycle.opt_state, state), params)
+    cycle = cycle._replace(deltas=deltas0, opt_state=opt0)
     eos_arr = jnp.asarray(np.array(eos, np.int32).reshape(-1))
     timing = {"optimise": 0.0, "prefill": 0.0, "decode": 0.0}
     phases: list[PhaseRecord] = []
@@ -179,7 +180,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                 if on_phase:
                     on_phase(record)
         t0 = time.perf_counter()
-        window = bucket_length(int(np.asarray(state.lengths).max()) + segment, cap=cache_len)
+        window = decode_window(int(np.asarray(state.lengths).max()) + segment, cache_len)
         state, cache = decode(params, state, cache, cycle.deltas, eos_arr, jnp.int32(max_new_tokens), cfg,
                               sampling, segment, window, dispatch, route=route)
         jax.block_until_ready(state.num_new)
@@ -195,16 +196,16 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                             jax.tree.map(np.asarray, cycle.opt_state))
 
 
-def _committed_like(cycle, params):
-    """The start deltas and Adam state placed like the params when those sit committed on one device:
-    a phase's outputs are, so a baseline call (never a phase) and a rewired call then share their
-    compiled decode programs (jit's cache keys on the arguments' placement; results unchanged)."""
+def _committed_like(tree, params):
+    """The start state (deltas, Adam state, decode state) placed like the params when those sit
+    committed on one device. Jitted outputs are, so the first decode call (fresh inputs) and the
+    later ones (the previous call's outputs), and a baseline call (never a phase) and a rewired one,
+    share their compiled programs: jit's cache keys on the arguments' placement (results unchanged)."""
     leaf = jax.tree.leaves(params)[0]
     sharding = getattr(leaf, "sharding", None)
     if getattr(leaf, "committed", False) and isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return cycle._replace(deltas=jax.device_put(cycle.deltas, sharding),
-                              opt_state=jax.device_put(cycle.opt_state, sharding))
-    return cycle
+        return jax.device_put(tree, sharding)
+    return tree
 
 
 def _new_tokens(state: DecodeState, prompt_lengths) -> tuple[int, list[list[int]]]:

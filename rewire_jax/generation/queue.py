@@ -40,7 +40,7 @@ from ..model.transformer import batched_route, prepare_params
 from ..rewire import CycleState, RewireOptions, bucket_length, run_phase
 from ..rewire.selection import init_opt_state
 from ..model import batched_deltas
-from .decode import DecodeState, decode, prefill
+from .decode import DecodeState, decode, decode_window, prefill
 from .generate import DECODE_CHUNK, _prompts_to_ids
 from .grouping import _padded_rows, _pow2, _put, _take, phase_token_cap, plan_groups
 from .sampling import Sampling
@@ -284,7 +284,7 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
                 b = min(b, int(num_new[r]) + STOP_CHECK)
             stop_at[r] = b
         steps_left = int((stop_at - num_new)[live].max())
-        window = bucket_length(int(lengths[live].max()) + min(step_cap, steps_left), cap=S)
+        window = decode_window(int(lengths[live].max()) + min(step_cap, steps_left), S)
         state = DecodeState(jnp.asarray(buf), jnp.asarray(lengths), logits, jnp.asarray(~live),
                             jnp.asarray(num_new), key)
         t0 = time.perf_counter()
