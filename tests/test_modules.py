@@ -125,13 +125,14 @@ def test_rewiring_cycle_generate_and_queue_on_a_custom_router(demo_and_banned):
     model, banned = demo_and_banned
     before = jax.tree.map(np.asarray, model.params)
     prompts = [model.encode("def add(a, b):"), model.encode("import os\n\ndef list_files(path):")]
-    opts = RewireOptions(interval=8, steps=2)
-    stock = rewire_jax.generate(model, prompts, max_new_tokens=24, rewire=opts)
-    mod = rewire_jax.generate(banned, prompts, max_new_tokens=24, rewire=opts)
+    # contexts 7-14: every phase in one context bucket (one phase and one prefill program per model)
+    opts = RewireOptions(interval=3, steps=2)
+    stock = rewire_jax.generate(model, prompts, max_new_tokens=6, rewire=opts)
+    mod = rewire_jax.generate(banned, prompts, max_new_tokens=6, rewire=opts)
     assert all(np.isfinite(np.asarray(d)).all() for d in mod.deltas)
     assert any(np.abs(np.asarray(d)).max() > 0 for d in mod.deltas)
     assert [list(t) for t in mod.tokens] != [list(t) for t in stock.tokens]
-    q = rewire_jax.generate_queue(banned, prompts, max_new_tokens=24, rewire=opts, batch_size=2)
+    q = rewire_jax.generate_queue(banned, prompts, max_new_tokens=6, rewire=opts, batch_size=2)
     assert [list(t) for t in q.tokens] == [list(t) for t in mod.tokens]
     # the phase itself on the custom model: finite deltas that lower the context loss
     rw = rewire_jax.rewirer(banned, opts)
@@ -140,7 +141,7 @@ def test_rewiring_cycle_generate_and_queue_on_a_custom_router(demo_and_banned):
     # the stock model is untouched: same arrays, same outputs as before
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before,
                                      jax.tree.map(np.asarray, model.params)))
-    again = rewire_jax.generate(model, prompts, max_new_tokens=24, rewire=opts)
+    again = rewire_jax.generate(model, prompts, max_new_tokens=6, rewire=opts)
     assert [list(t) for t in again.tokens] == [list(t) for t in stock.tokens]
 
 
