@@ -171,8 +171,8 @@ def create_app(model, config: ServeConfig) -> FastAPI:
                 try:
                     kind, _ = await asyncio.wait_for(events.get(), 0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError("client disconnected")
+                    if await request.is_disconnected():   # nobody reads the answer
+                        raise ApiError(499, "the client closed the request", code="client_closed_request")
                     continue
                 if kind == "done":
                     break

@@ -86,10 +86,10 @@ def main(a) -> int:
             return 2
     from .. import compile_cache
     from ..api import load
-    from ..cli import _options
     from ..conversation import template as T
     from ..conversation.repl import DEMO_TEMPLATE
     from ..demo import DEMO_MODEL
+    from ..rewire import RewireOptions
     from .app import ServeConfig, create_app
 
     if not a.no_compile_cache:
@@ -107,7 +107,10 @@ def main(a) -> int:
         raise ValueError(f"--max-context must be >= 16, got {a.max_context}")
     if a.state_dir and os.path.exists(a.state_dir) and not os.path.isdir(a.state_dir):
         raise ValueError(f"--state-dir {a.state_dir} exists and is not a directory")
-    opts = None if a.baseline else _options(a)
+    opts = None if a.baseline else RewireOptions(
+        steps=a.steps, interval=a.interval, lr=a.lr, weight_decay=a.weight_decay, eps=a.eps, selection=a.selection,
+        ratio=a.ratio, soft_mode=a.soft_mode, confidence=a.confidence, loss=a.loss, last_k=a.last_k, seed=a.seed,
+        persist_optimizer=not a.no_persist_optimizer, continuous=not a.no_continuous)
     cfg = ServeConfig(model_name=a.served_model_name or a.model or "rewire-jax-demo", rewire=opts,
                       chat_template=template, api_key=a.api_key, state_dir=a.state_dir, batch_size=a.batch_size,
                       max_queue=a.max_queue, max_context=a.max_context)
