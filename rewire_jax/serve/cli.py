@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import sys
 
 LOOPBACK_NAMES = ("localhost",)
@@ -119,7 +120,10 @@ def main(a) -> int:
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):   # SIGTERM / SIGINT: 503 for new requests, drain the others
             app.state.draining = True
-            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:   # drain, then exit 0 (uvicorn would re-raise SIGTERM after the drain)
+                self.should_exit = True
+            else:
+                super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                    timeout_graceful_shutdown=a.drain_timeout))
