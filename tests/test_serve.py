@@ -22,18 +22,20 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import rewire_jax  # noqa: E402
-from conversation_helpers import TEMPLATE, demo_model  # noqa: E402
+from conversation_helpers import TEMPLATE  # noqa: E402
 from rewire_jax import Conversation, RewireOptions  # noqa: E402
 
-OPTS = RewireOptions(interval=4, steps=2)   # a phase on the prompt and after 4 tokens
 NEW = 8
+# a phase on each prompt (none mid-reply: interval = NEW; the queue's tests cover those): every
+# optimisation phase program is compiled per context bucket and sub-batch size, the tests' main cost
+OPTS = RewireOptions(interval=NEW, steps=2)
 NAME = "rewire-jax-demo"
 KEY = "test-key"
 ROOT = Path(__file__).parent.parent
 PROMPTS = ["def add(a, b):", "import os\n", "class Stack:", "for i in range(", "# parse the header\n",
            "def main():\n    ", "x = [", "while True:", "try:\n    import", "return self.", "if __name__ ==",
            "with open(path) as f:", "def __init__(self", "raise ValueError(", "lambda x:", "print("]
-TURNS = ["def add(a, b):", "now multiply", "and divide"]
+TURNS = ["def f", "more", "again"]   # short: three turns' contexts fit in the buckets 16, 32, 48
 
 
 def _free_port() -> int:
@@ -49,8 +51,8 @@ class Server:
         self.tmp, self.state_dir, self.port = tmp, tmp / "states", _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / f"server-{self.port}.log", "w")
-        cmd = [sys.executable, "-m", "rewire_jax.cli", "serve", "--port", str(self.port), "--batch-size", "8",
-               "--max-context", "128", "--interval", "4", "--steps", "2", "--state-dir", str(self.state_dir), *extra]
+        cmd = [sys.executable, "-m", "rewire_jax.cli", "serve", "--port", str(self.port), "--batch-size", "2",
+               "--max-context", "128", "--interval", str(NEW), "--steps", "2", "--dispatch", "dense", "--state-dir", str(self.state_dir), *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
         deadline = time.monotonic() + 240
@@ -111,17 +113,18 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    return demo_model()
+    """The demo model as the server runs it (--dispatch dense: the quickest programs to compile)."""
+    return rewire_jax.load(ROOT / "rewire_jax" / "demo" / "model", dispatch="dense")
 
 
 @pytest.fixture(scope="module")
 def offline(model):
-    """Every prompt's greedy reply in process: one lock-step batch (each row equals it alone,
-    tests/test_queue.py), rewired and baseline."""
+    """Every prompt's greedy reply in process, each alone (rewired; two baseline). cache_len=128 as
+    the server's rows: its one-row phase and prefill programs are then these (the compile cache)."""
     ids = [model.encode(p) for p in PROMPTS]
-    text = lambda r: [model.tokenizer.decode(t, skip_special_tokens=True) for t in r.tokens]
-    return {"rewired": text(rewire_jax.generate(model, ids, NEW, rewire=OPTS)),
-            "baseline": text(rewire_jax.generate(model, ids[:2], NEW))}
+    text = lambda r: model.tokenizer.decode(r.tokens[0], skip_special_tokens=True)
+    return {"rewired": [text(rewire_jax.generate(model, [p], NEW, rewire=OPTS, cache_len=128)) for p in ids],
+            "baseline": [text(rewire_jax.generate(model, [p], n, cache_len=128)) for p, n in zip(ids[:2], (NEW, 24))]}
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +138,7 @@ def test_models_and_health(server):
     s = server["server"]
     assert [m.id for m in s.client().models.list().data] == [NAME]
     status, h = get(s.url + "/health")
-    assert status == 200 and h["status"] == "ok" and h["batch_size"] == 8
+    assert status == 200 and h["status"] == "ok" and h["batch_size"] == 2
 
 
 def test_completions_equal_generate_and_stream_joins(server, offline):
@@ -145,12 +148,17 @@ def test_completions_equal_generate_and_stream_joins(server, offline):
     assert r.usage.completion_tokens <= NEW and r.usage.prompt_tokens > 0
     rw = r.model_extra["rewire"]
     assert rw["enabled"] and rw["phases"][0]["context_len"] == r.usage.prompt_tokens
-    base = c.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=NEW, temperature=0,
-                                extra_body={"rewire": False})
-    assert base.choices[0].text == offline["baseline"][1] and base.model_extra["rewire"]["phases"] == []
     pieces = [ch.choices[0].text for ch in c.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=NEW,
                                                                   temperature=0, stream=True)]
-    assert "".join(pieces) == offline["rewired"][0] and len([p for p in pieces if p]) >= 2
+    assert "".join(pieces) == offline["rewired"][0]
+    # the baseline, 24 tokens: more than one decode call (16 steps each), so more than one piece
+    base = c.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=24, temperature=0,
+                                extra_body={"rewire": False})
+    assert base.choices[0].text == offline["baseline"][1] and base.model_extra["rewire"]["phases"] == []
+    pieces = [ch.choices[0].text for ch in c.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=24,
+                                                                  temperature=0, stream=True,
+                                                                  extra_body={"rewire": False})]
+    assert "".join(pieces) == offline["baseline"][1] and len([p for p in pieces if p]) >= 2
 
 
 def test_stop_string_cuts_the_text(server, offline):
@@ -175,7 +183,7 @@ def test_chat_equals_conversation_streamed_and_not(server, conversation):
 
 
 def test_16_concurrent_greedy_requests(server, offline):
-    """16 requests at once through 8 rows: each answered once, each equal to its offline result."""
+    """16 requests at once through 2 rows: each answered once, each equal to its offline result."""
     c = server["server"].client()
 
     def one(i):
@@ -269,18 +277,18 @@ def test_sigkill_after_two_turns_restart_continues(server, conversation, tmp_pat
     assert status == 401 and err["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         s2.client("wrong").models.list()
-    # 24 long requests at once on 8 rows and a waiting list of 1: some are turned away at once
+    # 16 requests at once on 2 rows and a waiting list of 1: some are turned away at once
     # (baseline: no phase programs to compile at the contexts they reach)
     c = s2.client(KEY)
 
     def one(i):
         try:
-            return len(c.completions.create(model=NAME, prompt=PROMPTS[i % 16], max_tokens=96, temperature=0,
+            return len(c.completions.create(model=NAME, prompt=PROMPTS[i % 16], max_tokens=24, temperature=0,
                                             extra_body={"rewire": False}).choices)
         except openai.RateLimitError:
             return 429
 
-    with cf.ThreadPoolExecutor(24) as pool:
-        got = [f.result(timeout=240) for f in [pool.submit(one, i) for i in range(24)]]
+    with cf.ThreadPoolExecutor(16) as pool:
+        got = [f.result(timeout=240) for f in [pool.submit(one, i) for i in range(16)]]
     assert 429 in got and 1 in got and set(got) <= {1, 429}
     assert get(s2.url + "/health")[0] == 200
