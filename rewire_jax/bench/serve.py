@@ -5,7 +5,8 @@ run offline through `generate_queue` (same batch size, greedy): the serving over
     python -m rewire_jax.bench.serve [--model DIR] [--clients 16] [--requests 64] [--max-tokens 64]
                                      [--batch-size 16] [--json OUT]
 
-Each mode runs its workload twice (the first run compiles; only the second is timed), offline too.
+Each mode runs its workload `--warmup` times untimed (compiling), then once timed; offline: once
+untimed, once timed.
 Reported: requests/s, generated tokens/s, p50 / p99 time to first token and latency, offline
 tokens/s, and server / offline tokens/s.
 """
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-context", type=int, default=None, help="the server's --max-context")
     p.add_argument("--modes", default="baseline,rewired")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of the workload per mode before the timed one")
     p.add_argument("--json", metavar="OUT", default=None)
     a = p.parse_args(argv)
     from ..api import load
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
     try:
         for mode in a.modes.split(","):
             rewired = mode == "rewired"
-            run_clients(url, prompts, a.max_tokens, a.clients, rewired)   # compiles
+            for _ in range(a.warmup):   # compiles (the arrival order, hence the programs, varies per run)
+                run_clients(url, prompts, a.max_tokens, a.clients, rewired)
             server = run_clients(url, prompts, a.max_tokens, a.clients, rewired)
             offline = run_offline(model, prompts, a.max_tokens, a.batch_size, RewireOptions() if rewired else None)
             rows.append({"mode": mode, "server": server, "offline": offline})
