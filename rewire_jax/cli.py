@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-compile-cache", action="store_true", help="compile everything, keep nothing on disk")
     from .conversation import repl
     repl.add_parser(sub)
+    from .serve import cli as serve_cli
+    serve_cli.add_parser(sub)
     from .eval import cli as eval_cli
     eval_cli.add_parser(sub)
     # parsed by lm-eval itself (`_main` hands everything after `lm-eval` to it); listed here for --help
@@ -221,6 +223,9 @@ def _main(argv) -> int:
         if a.command == "chat":
             from .conversation import repl
             return repl.main(a)
+        if a.command == "serve":
+            from .serve import cli as serve_cli
+            return serve_cli.main(a)
         if a.command == "eval":
             from .eval import cli as eval_cli
             return eval_cli.main(a)

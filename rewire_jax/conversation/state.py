@@ -74,9 +74,10 @@ def model_fingerprint(model) -> dict:
 
 
 def save_state(out_dir, state: ConversationState, model, opts: RewireOptions, policy: TurnPolicy,
-               template: str) -> Path:
-    """Write (replace) `out_dir` atomically."""
-    meta = {"format": FORMAT, "fingerprint": model_fingerprint(model), "messages": state.messages,
+               template: str, fingerprint: Optional[dict] = None) -> Path:
+    """Write (replace) `out_dir` atomically. fingerprint: `model_fingerprint(model)` if already known
+    (a server computes it once)."""
+    meta = {"format": FORMAT, "fingerprint": fingerprint or model_fingerprint(model), "messages": state.messages,
             "tokens": [int(t) for t in state.tokens], "rendered": state.rendered, "turns": state.turns,
             "options": dataclasses.asdict(opts), "policy": dataclasses.asdict(policy), "chat_template": template}
     leaves = jax.tree.leaves(state.opt_state)
@@ -88,8 +89,10 @@ def save_state(out_dir, state: ConversationState, model, opts: RewireOptions, po
     return Path(out_dir)
 
 
-def read_state(src, model) -> tuple[ConversationState, RewireOptions, TurnPolicy, str]:
-    """-> (state, options, policy, template), or a StateError naming what is wrong."""
+def read_state(src, model, fingerprint: Optional[dict] = None
+               ) -> tuple[ConversationState, RewireOptions, TurnPolicy, str]:
+    """-> (state, options, policy, template), or a StateError naming what is wrong. fingerprint:
+    `model_fingerprint(model)` if already known."""
     src = Path(src)
     if not src.is_dir():
         raise StateError(f"conversation state {src} does not exist (or is not a directory)")
@@ -105,7 +108,7 @@ def read_state(src, model) -> tuple[ConversationState, RewireOptions, TurnPolicy
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StateError(f"{src}/state.json is not a rewire-jax conversation (format "
                          f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
-    _check_model(src, meta["fingerprint"], model)
+    _check_model(src, meta["fingerprint"], model, fingerprint)
     try:
         opts = RewireOptions(**meta["options"])
         policy = TurnPolicy(**meta["policy"])
@@ -127,8 +130,8 @@ def read_state(src, model) -> tuple[ConversationState, RewireOptions, TurnPolicy
     return state, opts, policy, template
 
 
-def _check_model(src: Path, saved: dict, model) -> None:
-    now = model_fingerprint(model)
+def _check_model(src: Path, saved: dict, model, now: Optional[dict] = None) -> None:
+    now = now or model_fingerprint(model)
     if saved.get("config") != now["config"] or saved.get("weights") != now["weights"]:
         what = "config" if saved.get("config") != now["config"] else "weights"
         raise StateError(f"conversation {src} was saved from model {saved.get('path') or '<unknown path>'} and does "
