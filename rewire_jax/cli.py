@@ -15,9 +15,8 @@ NEXT_STEPS = ("next: `rewire-jax eval --help` scores rewiring on benchmark tasks
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .rewire import CHOICES, RewireOptions
+    from .cli_options import add_rewire_arguments
 
-    d = RewireOptions()
     from . import __version__
 
     p = argparse.ArgumentParser(prog="rewire-jax", description=__doc__)
@@ -35,19 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--baseline", action="store_true", help="no optimisation at all (deltas stay 0)")
     g.add_argument("--compare", action="store_true", help="run baseline and rewired, print both")
-    g.add_argument("--steps", type=int, default=d.steps, help="Adam steps per phase (n)")
-    g.add_argument("--interval", type=int, default=d.interval, help="tokens between phases (m)")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--eps", type=float, default=d.eps)
-    g.add_argument("--selection", choices=CHOICES["selection"], default=d.selection)
-    g.add_argument("--ratio", type=float, default=d.ratio, help="fraction of layers for hard/random/reverse")
-    g.add_argument("--soft-mode", choices=CHOICES["soft_mode"], default=d.soft_mode)
-    g.add_argument("--confidence", choices=CHOICES["confidence"], default=d.confidence)
-    g.add_argument("--loss", choices=CHOICES["loss"], default=d.loss)
-    g.add_argument("--last-k", type=int, default=d.last_k)
-    g.add_argument("--no-persist-optimizer", action="store_true", help="fresh Adam state every phase")
-    g.add_argument("--no-continuous", action="store_true", help="optimise on the prompt only")
+    add_rewire_arguments(g)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -86,15 +73,6 @@ def env_main(a) -> int:
     info = envinfo.collect()
     print(json.dumps(info, indent=1) if a.json else envinfo.format_report(info))
     return 0
-
-
-def _options(a):
-    from .rewire import RewireOptions
-
-    return RewireOptions(steps=a.steps, interval=a.interval, lr=a.lr, weight_decay=a.weight_decay, eps=a.eps,
-                         selection=a.selection, ratio=a.ratio, soft_mode=a.soft_mode, confidence=a.confidence,
-                         loss=a.loss, persist_optimizer=not a.no_persist_optimizer,
-                         continuous=not a.no_continuous, last_k=a.last_k, seed=a.seed)
 
 
 def _run(model, prompt, a, rewire, label: str):
@@ -161,7 +139,9 @@ def generate_main(a) -> int:
     else:
         print("error: give --prompt TEXT or --prompt-ids 1,2,3", file=sys.stderr)
         return 2
-    opts = _options(a)
+    from .cli_options import rewire_options
+
+    opts = rewire_options(a)
     if a.prompt is not None and not a.quiet and not a.compare and model.tokenizer is not None:
         sys.stdout.write(a.prompt)
     runs = {}

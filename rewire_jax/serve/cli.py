@@ -15,8 +15,7 @@ LOOPBACK_NAMES = ("localhost",)
 
 
 def add_parser(sub) -> None:
-    from ..rewire import CHOICES, RewireOptions
-    d = RewireOptions()
+    from ..cli_options import add_rewire_arguments
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with per-request rewiring, continuous "
                                      "batching and persistent conversations (needs the [serve] extra)")
     s.add_argument("--model", default=None, help="model directory or hub id (default: the bundled demo model, "
@@ -35,19 +34,7 @@ def add_parser(sub) -> None:
                    help="a Jinja chat template file (needed for chat when the model has none)")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     s.add_argument("--baseline", action="store_true", help="requests default to no rewiring ('rewire' turns it on)")
-    s.add_argument("--steps", type=int, default=d.steps, help="Adam steps per phase (n)")
-    s.add_argument("--interval", type=int, default=d.interval, help="tokens between phases (m)")
-    s.add_argument("--lr", type=float, default=d.lr)
-    s.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    s.add_argument("--eps", type=float, default=d.eps)
-    s.add_argument("--selection", choices=CHOICES["selection"], default=d.selection)
-    s.add_argument("--ratio", type=float, default=d.ratio, help="fraction of layers for hard/random/reverse")
-    s.add_argument("--soft-mode", choices=CHOICES["soft_mode"], default=d.soft_mode)
-    s.add_argument("--confidence", choices=CHOICES["confidence"], default=d.confidence)
-    s.add_argument("--loss", choices=CHOICES["loss"], default=d.loss)
-    s.add_argument("--last-k", type=int, default=d.last_k)
-    s.add_argument("--no-persist-optimizer", action="store_true", help="fresh Adam state every phase")
-    s.add_argument("--no-continuous", action="store_true", help="optimise on the prompt only")
+    add_rewire_arguments(s)
     s.add_argument("--seed", type=int, default=0, help="the engine's sampling key (and random selection)")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged"), default="auto")
@@ -90,7 +77,7 @@ def main(a) -> int:
     from ..conversation import template as T
     from ..conversation.repl import DEMO_TEMPLATE
     from ..demo import DEMO_MODEL
-    from ..rewire import RewireOptions
+    from ..cli_options import rewire_options
     from .app import ServeConfig, create_app
 
     if not a.no_compile_cache:
@@ -108,10 +95,7 @@ def main(a) -> int:
         raise ValueError(f"--max-context must be >= 16, got {a.max_context}")
     if a.state_dir and os.path.exists(a.state_dir) and not os.path.isdir(a.state_dir):
         raise ValueError(f"--state-dir {a.state_dir} exists and is not a directory")
-    opts = None if a.baseline else RewireOptions(
-        steps=a.steps, interval=a.interval, lr=a.lr, weight_decay=a.weight_decay, eps=a.eps, selection=a.selection,
-        ratio=a.ratio, soft_mode=a.soft_mode, confidence=a.confidence, loss=a.loss, last_k=a.last_k, seed=a.seed,
-        persist_optimizer=not a.no_persist_optimizer, continuous=not a.no_continuous)
+    opts = None if a.baseline else rewire_options(a)
     cfg = ServeConfig(model_name=a.served_model_name or a.model or "rewire-jax-demo", rewire=opts,
                       chat_template=template, api_key=a.api_key, state_dir=a.state_dir, batch_size=a.batch_size,
                       max_queue=a.max_queue, max_context=a.max_context)
