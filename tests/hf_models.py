@@ -117,3 +117,16 @@ def mxfp4_state_dict(model) -> dict:
         else:
             tensors[key] = value.contiguous()
     return tensors
+
+
+def teacher_forced_rollout(model, prompt, n, deltas=None):
+    """Greedy rollout by full forwards over one fixed [B, len(prompt) + n] right-padded buffer (causal:
+    the padding after position t cannot affect position t), so one compiled forward, not one per
+    length. deltas: None or [L_moe, E] (one row), or [B, L_moe, E] (one row per delta).
+    -> B lists of n tokens."""
+    B = 1 if deltas is None or np.ndim(deltas) == 2 else len(deltas)
+    buf = np.zeros((B, len(prompt) + n), np.int32)
+    buf[:, :len(prompt)] = prompt
+    for t in range(len(prompt), len(prompt) + n):
+        buf[:, t] = np.argmax(np.asarray(model(buf, deltas))[:, t - 1], axis=-1)
+    return buf[:, len(prompt):].tolist()

@@ -101,24 +101,13 @@ def test_group_limited_routing_differs_from_greedy(hf_dirs):
 
 # -- decoding ------------------------------------------------------------------------------------
 
-def teacher_forced_rollout(model, prompt, n, deltas):
-    """Greedy rollout by full forwards over a fixed [B, 16] right-padded buffer (causal: the padding
-    after position t cannot affect position t). deltas [B, L_moe, E]; one row per delta."""
-    B = len(deltas)
-    buf = np.zeros((B, T), np.int32)
-    buf[:, :len(prompt)] = prompt
-    for t in range(len(prompt), len(prompt) + n):
-        buf[:, t] = np.argmax(np.asarray(model(buf, deltas))[:, t - 1], axis=-1)
-    return buf[:, len(prompt):len(prompt) + n].tolist()
-
-
 @pytest.mark.parametrize("name", ARCHS)
 def test_decode_matches_teacher_forcing_and_hf_generate(loaded, name):
     tm, model = loaded(name)
     prompt = hf_models.prompt(11)  # 11 + 5 = 16 positions: beyond every sliding window in VARIANTS
     deltas = np.stack([np.zeros(model.config.delta_shape, np.float32), random_delta(model, 3)])
     out = rewire_jax.generate(model, [prompt, prompt], 5, deltas=deltas, eos_token_id=None).tokens
-    assert out == teacher_forced_rollout(model, prompt, 5, deltas)
+    assert out == hf_models.teacher_forced_rollout(model, prompt, 5, deltas)
     with torch.no_grad():
         ref = tm.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None,
                           pad_token_id=1)[0, len(prompt):].tolist()

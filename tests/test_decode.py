@@ -8,16 +8,6 @@ import rewire_jax
 from rewire_jax import Sampling
 
 
-def teacher_forced_rollout(model, prompt, n, deltas=None):
-    """Greedy rollout by full forwards over one fixed [1, len(prompt) + n] right-padded buffer (causal:
-    the padding after position t cannot affect position t), so one compiled forward, not n."""
-    buf = np.zeros((1, len(prompt) + n), np.int32)
-    buf[0, :len(prompt)] = prompt
-    for t in range(len(prompt), len(prompt) + n):
-        buf[0, t] = int(np.argmax(np.asarray(model(buf, deltas))[0, t - 1]))
-    return buf[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("name", ["olmoe", "olmoe_gqa_clip_norm"])
 def test_decode_equals_teacher_forced_argmax(loaded, name):
     _, model = loaded(name)
@@ -25,7 +15,7 @@ def test_decode_equals_teacher_forced_argmax(loaded, name):
     delta = np.random.default_rng(3).normal(0, 1, model.config.delta_shape).astype(np.float32)
     for d in (None, delta):
         out = rewire_jax.generate(model, [prompt], 14, deltas=d, eos_token_id=None)
-        assert out.tokens[0] == teacher_forced_rollout(model, prompt, 14, d)
+        assert out.tokens[0] == hf_models.teacher_forced_rollout(model, prompt, 14, d)[0]
 
 
 def test_greedy_equals_hf_generate(loaded):
@@ -116,5 +106,5 @@ def test_decode_loop_writes_the_kv_cache_in_place(batch):
     assert not [c for c in copied if c in layer_shapes], copied
     state, _ = decode(*args)
     new = np.asarray(state.buf)[:, T:T + 8]
-    assert new[0].tolist() == teacher_forced_rollout(model, tokens[0].tolist(), 8)
+    assert new[0].tolist() == hf_models.teacher_forced_rollout(model, tokens[0].tolist(), 8)[0]
     assert (new == new[0]).all()
