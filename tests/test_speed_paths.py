@@ -222,6 +222,21 @@ def test_generation_compiles_a_bounded_number_of_programs(params):
     assert [n for n in _names(again) if n in BIG] == [], again
 
 
+def test_one_decode_program_per_window_bucket_in_a_call(params):
+    """A call's decode chunks compile one program per distinct window, the first chunk included (its
+    fresh decode state is placed like the later chunks' inputs) and a window that reaches the cache
+    being the whole cache (no separate program for it)."""
+    from rewire_jax.generation.decode import decode, decode_window
+    cfg = CFG.replace(max_position_embeddings=CFG.max_position_embeddings + 1)   # a config no other test compiles
+    model = Model(cfg, jax.device_put(params, jax.devices()[0]))                 # committed params
+    prompt = np.random.default_rng(5).integers(3, 96, 10).tolist()
+    before = decode._cache_size()
+    rewire_jax.generate(model, [prompt], 40, segment=8, eos_token_id=None)     # cache 64, 5 chunks
+    windows = {decode_window(n + 8, 64) for n in range(10, 50, 8)}
+    assert windows == {32, 48, None}
+    assert decode._cache_size() - before == len(windows)
+
+
 def test_decode_chunks_and_windows_change_nothing(params, monkeypatch):
     """Decoding in chunks over window buckets of the cache gives the same tokens and phases."""
     import importlib
