@@ -138,6 +138,14 @@ def _route_and_nll(params, tokens, deltas, cfg):
     return aux["idx"], -jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1)[..., 0]
 
 
+def prepare_summary(model: Model, length: int) -> None:
+    """Compile `summarize`'s forward for a prompt + continuation of `length` tokens, ahead of the
+    call (the CLI does it on a second thread while the rewired run goes on); nothing is run."""
+    tokens = jax.ShapeDtypeStruct((1, bucket_length(length)), jnp.int32)
+    deltas = jax.ShapeDtypeStruct((2,) + tuple(model.config.delta_shape), jnp.float32)
+    _route_and_nll.lower(model.params, tokens, deltas, model.config).compile()
+
+
 def routing_changed(idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
     """[L, T] True where the two routings chose a different set of experts (order ignored)."""
     return np.any(np.sort(idx_a, axis=-1) != np.sort(idx_b, axis=-1), axis=-1)

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                         "features, ~/.cache/rewire-jax/jax-cache/<backend>-<hash>): a rerun skips most "
                         "compilation")
     g.add_argument("--no-compile-cache", action="store_true", help="compile everything, keep nothing on disk")
+    g.add_argument("--cpu-compile", choices=("fast", "optimized"), default="fast",
+                   help="XLA:CPU code generation: fast = backend optimisation level 0 (about half the "
+                        "compile time; results equal up to the last float bits; best for short runs), "
+                        "optimized = XLA's default (for long runs on CPU). No effect with an accelerator "
+                        "plugin installed or XLA_FLAGS setting the level")
     from .conversation import repl
     repl.add_parser(sub)
     from .serve import cli as serve_cli
@@ -104,6 +109,42 @@ def _run(model, prompt, a, rewire, label: str):
     return result
 
 
+def _runs(model, prompt, a, opts, want_summary: bool) -> dict:
+    """{'baseline': ..., 'rewired': ...} results of the runs asked for. --compare on one device and
+    one process runs the baseline on a second thread while the rewired run goes on: XLA compiles
+    each thread's programs on its own core (most of a short run is compilation), the baseline's
+    decode programs are the ones the rewired run then finds compiled, and the summary's forward is
+    compiled there too. Each run's tokens are those it gives alone (nothing is shared but programs).
+    Several devices or processes run one after the other: concurrent multi-device programs could
+    interleave differently on different devices."""
+    import jax
+
+    runs = {}
+    if not a.compare:
+        runs["baseline" if a.baseline else "rewired"] = _run(model, prompt, a, None if a.baseline else opts,
+                                                             "baseline" if a.baseline else "rewired")
+        return runs
+    if model.config.mesh is not None or jax.process_count() > 1:
+        runs["baseline"] = _run(model, prompt, a, None, "baseline")
+        runs["rewired"] = _run(model, prompt, a, opts, "rewired")
+        return runs
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .analysis import prepare_summary
+
+    def baseline():
+        r = _run(model, prompt, a, None, "baseline")
+        if want_summary:
+            prepare_summary(model, len(prompt) + a.max_new_tokens)
+        return r
+
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(baseline)
+        runs["rewired"] = _run(model, prompt, a, opts, "rewired")
+        runs = {"baseline": job.result(), **runs}
+    return runs
+
+
 def generate_main(a) -> int:
     import numpy as np
 
@@ -114,10 +155,11 @@ def generate_main(a) -> int:
         print("error: the bundled demo model is missing from this install; pass --model DIR", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    from . import distributed
+    from . import compile_cache, distributed
+    if a.cpu_compile == "fast":
+        compile_cache.fast_cpu_compile()   # before the backend starts: XLA reads its flags once
     distributed.from_args(a)   # before anything touches the backend
     if not a.no_compile_cache:   # before the first compilation
-        from . import compile_cache
         compile_cache.enable(a.compile_cache or compile_cache.default_dir())
     # decided before the line below: the summary's forward is sharded, so every process runs it or none
     want_summary = not a.baseline and (not a.quiet or bool(a.json))
@@ -144,11 +186,7 @@ def generate_main(a) -> int:
     opts = rewire_options(a)
     if a.prompt is not None and not a.quiet and not a.compare and model.tokenizer is not None:
         sys.stdout.write(a.prompt)
-    runs = {}
-    if a.compare or a.baseline:
-        runs["baseline"] = _run(model, prompt, a, None, "baseline")
-    if not a.baseline:
-        runs["rewired"] = _run(model, prompt, a, opts, "rewired")
+    runs = _runs(model, prompt, a, opts, want_summary)
     if a.compare:
         for name, r in runs.items():
             body = r.texts[0] if r.texts else " ".join(map(str, r.tokens[0]))

@@ -29,6 +29,25 @@ def test_generate_json_matches_library(hf_dirs, tmp_path, capsys):
     assert "phase 0" in capsys.readouterr().err
 
 
+def test_compare_runs_equal_each_run_alone(hf_dirs, tmp_path):
+    """--compare runs the baseline on a second thread beside the rewired run (sharing compiled
+    programs only): each equals the library's run of it alone."""
+    _, d = hf_dirs("olmoe")
+    prompt = hf_models.prompt(10)
+    out = tmp_path / "c.json"
+    assert cli.main(["generate", "--model", str(d), "--prompt-ids", ",".join(map(str, prompt)), "--compare",
+                     "--max-new-tokens", "12", "--interval", "5", "--selection", "hard", "--json", str(out),
+                     "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    model = rewire_jax.load(d)
+    lib = rewire_jax.generate(model, [prompt], 12, rewire=rewire_jax.RewireOptions(interval=5, selection="hard"))
+    base = rewire_jax.generate(model, [prompt], 12)
+    assert res["tokens"] == lib.tokens[0] and res["baseline"]["tokens"] == base.tokens[0]
+    assert res["tokens"] != res["baseline"]["tokens"] or np.any(np.array(res["deltas"]) != 0)
+    np.testing.assert_allclose(np.array(res["deltas"]), lib.deltas[0], atol=1e-6)
+    assert len(res["phases"]) == 3 and res["summary"]["generated_tokens"] == 12
+
+
 def test_baseline_flag_means_no_optimisation(hf_dirs, tmp_path):
     _, d = hf_dirs("olmoe")
     out = tmp_path / "b.json"

@@ -95,3 +95,14 @@ def test_demo_tokenizer_is_autotokenizers_without_torch():
             "assert load_tokenizer(DEMO_MODEL) is not None; print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_fast_cpu_compile_sets_the_flag_only_before_the_backend_starts():
+    code = ("import os; from rewire_jax import compile_cache as c; import jax; "
+            "first = c.fast_cpu_compile(); flags = os.environ['XLA_FLAGS']; again = c.fast_cpu_compile(); "
+            "jax.numpy.ones(1).block_until_ready(); os.environ['XLA_FLAGS'] = ''; late = c.fast_cpu_compile(); "
+            "print(first, again, late, flags)")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False", "False", "--xla_backend_optimization_level=0"]
