@@ -1,4 +1,5 @@
-"""The benchmarks' model: an OLMoE-shaped HF model with random weights, built locally (no download)."""
+"""The benchmarks' model: an OLMoE-shaped HF model with random weights, built locally (no download),
+and its HF config dict (for programs built from the config alone)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,13 +17,22 @@ class Shape:
     init_std: float = 0.02
 
 
+#: A tiny shape of the same architecture: the accelerator profile's CI run on CPU (seconds per compile)
+TINY = Shape(hidden=64, layers=2, heads=4, experts=8, top_k=2, intermediate=32, vocab=256)
+
+
+def hf_config(shape: Shape) -> dict:
+    """The HF `config.json` dict of `shape` (OLMoE architecture; no special token ids)."""
+    return {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "vocab_size": shape.vocab,
+            "hidden_size": shape.hidden, "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.heads, "num_key_value_heads": shape.heads, "num_experts": shape.experts,
+            "num_experts_per_tok": shape.top_k, "max_position_embeddings": 8192, "initializer_range": shape.init_std,
+            "eos_token_id": None, "pad_token_id": None, "bos_token_id": None}
+
+
 def build_hf(shape: Shape, seed: int = 0):
     import torch
     import transformers
     torch.manual_seed(seed)
-    cfg = transformers.OlmoeConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-        num_experts=shape.experts, num_experts_per_tok=shape.top_k, max_position_embeddings=8192,
-        initializer_range=shape.init_std, eos_token_id=None, pad_token_id=None, bos_token_id=None)
-    return transformers.OlmoeForCausalLM(cfg).to(torch.float32).eval()
+    kw = {k: v for k, v in hf_config(shape).items() if k not in ("model_type", "architectures")}
+    return transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**kw)).to(torch.float32).eval()

@@ -219,21 +219,12 @@ def main(argv=None) -> int:
     import jax
     from ..io import families
     from ..model.weights import init_params
-    hf = json.loads(open(a.config).read()) if a.config else shape_hf_config()
+    from .models import Shape, hf_config
+    hf = json.loads(open(a.config).read()) if a.config else hf_config(Shape())
     cfg = families.from_hf(hf, dtype=a.dtype)
     params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     print(json.dumps(decode_step_counts(params, cfg, a.batch, a.cache_len, a.dispatch), indent=1))
     return 0
-
-
-def shape_hf_config(shape=None) -> dict:
-    """The HF config dict of the benchmark model (`bench.models.Shape`, OLMoE architecture)."""
-    from .models import Shape
-    s = shape or Shape()
-    return {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "vocab_size": s.vocab,
-            "hidden_size": s.hidden, "intermediate_size": s.intermediate, "num_hidden_layers": s.layers,
-            "num_attention_heads": s.heads, "num_key_value_heads": s.heads, "num_experts": s.experts,
-            "num_experts_per_tok": s.top_k, "max_position_embeddings": 8192, "initializer_range": s.init_std}
 
 
 if __name__ == "__main__":

@@ -71,12 +71,12 @@ def phase_flops(cfg, T: int, steps: int, lowest: int, split: Optional[int] = Non
     return sum(f[:split]) + steps * (sum(f[split:]) + head_flops(cfg, T) + bwd)
 
 
-def matmul_peak(repeats: int = 5, dtype: str = "float32") -> float:
-    """Best GFLOP/s of square matmuls (1024, 2048, 4096) under jax.jit on the default device."""
+def matmul_peak(repeats: int = 5, dtype: str = "float32", sizes=(1024, 2048, 4096)) -> float:
+    """Best GFLOP/s of square matmuls (n = each of `sizes`) under jax.jit on the default device."""
     import jax
     import jax.numpy as jnp
     best = 0.0
-    for n in (1024, 2048, 4096):
+    for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         b = jax.random.normal(jax.random.key(1), (n, n), dtype)
         f = jax.jit(lambda a, b: a @ b)
@@ -122,6 +122,18 @@ def shape_ceiling(cfg, T: int, dtype: str = "float32", repeats: int = 3) -> dict
         total_f += flops
     out["weighted"] = total_f / total_t
     return out
+
+
+def copy_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s of device memory traffic: a jitted elementwise `x + 1` over an `mb` MiB int32 array
+    (reads it and writes a new one: 2 * nbytes moved), best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.zeros((mb << 18,), jnp.int32)
+    f = jax.jit(lambda x: x + 1)
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+    return 2 * x.nbytes / best
 
 
 def numpy_peak(n: int = 2048, repeats: int = 5) -> float:
