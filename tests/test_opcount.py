@@ -76,6 +76,10 @@ def test_counter_weights_nested_loops_and_attributes_layers():
     assert c["other"] == {"dots": 1, "fusions": 0, "custom_calls": 0, "kernels": 1}
     assert c["custom_call_targets"] == {"__cublas$gemm": 16}
     assert c["routed_experts"] == {"custom-call __cublas$gemm": 16}
+    # the whole program: the same step plus the fusion (and its dot) before the loop
+    whole = opcount.count_program(HLO, num_layers=16)
+    assert whole["layers"] == c["layers"]
+    assert whole["other"] == {"dots": 2, "fusions": 1, "custom_calls": 0, "kernels": 2}
     with pytest.raises(ValueError, match="ENTRY"):
         opcount.count_step("HloModule m\n", 1)
 

@@ -23,8 +23,9 @@ warm (reported). Reported per B:
   weight, all experts, and a backward reading the layers above the lowest updated one and the LM
   head) and its FLOP floor (`perf.phase_flops`, summed over rows);
 - rewired / baseline wall time; peak device memory (`device.memory_stats`, "not available" on CPU);
-- the compiled decode step's op counts and the ops that implement the routed experts
-  (`bench.opcount`: dots / fusions / custom-call targets under the `experts` scope).
+- the compiled decode step's op counts and the ops that implement the routed experts in it and in
+  the prefill over the prompts (whose MoE layers dispatch like the phase's forward over the same
+  rows) (`bench.opcount`: dots / fusions / custom-call targets under the `experts` scope).
 
 The JSON is rewritten after every section (a run cut short keeps what it measured).
 """
@@ -101,7 +102,7 @@ def batch_row(model, B: int, a, bw: float, peak: float, rng) -> dict:
     from ..rewire import RewireOptions, bucket_length
     from ..generation.sampling import Sampling
     from .batch import decode_step_bytes, distinct_experts
-    from .opcount import decode_step_counts
+    from .opcount import count_program, decode_step_counts, prefill_hlo
     cfg, n = model.config, a.new_tokens
     lens = rng.integers(a.prompt_lens[0], a.prompt_lens[1] + 1, B)
     prompts = [rng.integers(3, cfg.vocab_size, L).tolist() for L in lens]
@@ -137,6 +138,10 @@ def batch_row(model, B: int, a, bw: float, peak: float, rng) -> dict:
     row["peak_device_bytes"] = peak_memory(jax.devices()[0])
     cache_len = bucket_length(int(max(lens)) + n)
     row["op_counts"] = decode_step_counts(model.params, cfg, B, cache_len)
+    # the experts at context scale: the prefill over the prompts' bucket (the phase's forward
+    # dispatches the same way over the same rows)
+    pre = count_program(prefill_hlo(model.params, cfg, B, bucket_length(int(max(lens)))), cfg.num_layers)
+    row["prefill_routed_experts"] = pre["routed_experts"]
     return row
 
 
@@ -147,7 +152,7 @@ def expert_kernel(counts: dict) -> str:
     if calls:
         return "custom call " + ", ".join(calls)
     fus = sorted({k.split(" ", 1)[1] for k in ops if k.startswith("fusion ")})
-    return f"XLA dots ({ops.get('dot', 0)} per step) in fusions {', '.join(fus) or '-'}; no custom kernel"
+    return f"XLA dots ({ops.get('dot', 0)}) in fusions {', '.join(fus) or '-'}; no custom kernel"
 
 
 def table(res: dict) -> str:
@@ -175,10 +180,11 @@ def table(res: dict) -> str:
                                                                for row in rows]
     for r in res["batches"]:
         pl = r["op_counts"]["per_layer"]
-        out.append(f"batch {r['batch']}: per layer {pl['dots']} dots, {pl['fusions']} fusions, {pl['custom_calls']} "
-                   f"custom calls, {pl['kernels']} kernels; routed experts: {expert_kernel(r['op_counts'])}; "
-                   f"{r['distinct_experts']:.1f} distinct experts/layer/step; step reads "
-                   f"{gb(r['step_bytes']['total'])}")
+        out.append(f"batch {r['batch']}: decode step per layer {pl['dots']} dots, {pl['fusions']} fusions, "
+                   f"{pl['custom_calls']} custom calls, {pl['kernels']} kernels; {r['distinct_experts']:.1f} distinct "
+                   f"experts/layer/step; step reads {gb(r['step_bytes']['total'])}")
+        out.append(f"  routed experts, decode: {expert_kernel(r['op_counts'])}")
+        out.append(f"  routed experts, prefill / phase: {expert_kernel({'routed_experts': r['prefill_routed_experts']})}")
     return "\n".join(out)
 
 

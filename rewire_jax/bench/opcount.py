@@ -20,6 +20,7 @@ An instruction belongs to a decoder layer when its `op_name` metadata has a `lay
 loop bookkeeping) is `other`. Instructions XLA left without metadata (XLA:CPU's library fusions)
 take their first operand's op_name that has one (a matmul belongs to the layer whose activation it
 reads), else their caller's. `per_layer` is the layers' total over `cfg.num_layers`.
+`count_program` counts a whole program the same way (e.g. a prefill: `prefill_hlo`).
 """
 from __future__ import annotations
 
@@ -156,6 +157,13 @@ def _decode_loop(comps, entry: str) -> dict:
     return max(loops, key=size)
 
 
+def _result(c: _Counter, num_layers: int) -> dict:
+    lay, oth = ({k: int(c.part[p][k]) for k in _COUNTED} for p in ("layers", "other"))
+    return {"total": {k: lay[k] + oth[k] for k in _COUNTED}, "layers": lay,
+            "per_layer": {k: round(lay[k] / num_layers, 2) for k in _COUNTED}, "other": oth,
+            "custom_call_targets": dict(c.targets), "routed_experts": dict(c.expert_ops)}
+
+
 def count_step(hlo_text: str, num_layers: int) -> dict:
     """Counts of one decode step of a compiled decode program's HLO text (see the module doc).
 
@@ -167,10 +175,31 @@ def count_step(hlo_text: str, num_layers: int) -> dict:
     c = _Counter(comps)
     c.walk(loop["body"], 1)
     c.walk(loop["condition"], 1)
-    lay, oth = ({k: int(c.part[p][k]) for k in _COUNTED} for p in ("layers", "other"))
-    return {"total": {k: lay[k] + oth[k] for k in _COUNTED}, "layers": lay,
-            "per_layer": {k: round(lay[k] / num_layers, 2) for k in _COUNTED}, "other": oth,
-            "custom_call_targets": dict(c.targets), "routed_experts": dict(c.expert_ops)}
+    return _result(c, num_layers)
+
+
+def count_program(hlo_text: str, num_layers: int) -> dict:
+    """count_step's counts over a whole program (its entry computation, loops weighted by their
+    trip counts), e.g. a prefill: one call."""
+    comps, entry = parse_hlo(hlo_text)
+    c = _Counter(comps)
+    c.walk(entry, 1)
+    return _result(c, num_layers)
+
+
+def prefill_hlo(params, cfg, batch: int, length: int, dispatch: Optional[str] = None) -> str:
+    """Optimized HLO text of `generation.decode.prefill` over [batch, length] tokens (the LM head on
+    the last tokens only, as `generate`'s baseline runs it); its MoE layers dispatch as the optimise
+    phase's forward over the same tokens does (the method is chosen from the rows)."""
+    import jax
+    import jax.numpy as jnp
+    from ..generation.decode import prefill
+    from ..model.transformer import prepare_params
+    sds = jax.ShapeDtypeStruct
+    prepared = jax.eval_shape(lambda p: prepare_params(p, cfg), params)
+    return prefill.lower(prepared, sds((batch, length), jnp.int32), sds((batch,), jnp.int32),
+                         sds((batch, *cfg.delta_shape), jnp.float32), cfg, length, None,
+                         dispatch).compile().as_text()
 
 
 def decode_step_hlo(params, cfg, batch: int, cache_len: int, dispatch: Optional[str] = None) -> str:
