@@ -37,7 +37,8 @@ HLO = """HloModule m
   %w = f32[4,4]{1,0} constant({...})
   %f = f32[2,4]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
   %g = f32[2,4]{1,0} custom-call(%f), custom_call_target="__cublas$gemm", metadata={op_name="jit(decode)/while/body/layer/moe/experts/ragged_dot"}
-  ROOT %r = (s32[], f32[2,4]{1,0}) tuple(%i, %g)
+  %e = f32[2,4]{1,0} fusion(%g, %w), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(decode)/while/body/layer/moe/experts/dot_general"}, backend_config={"fusion_config":{"kind":"__triton_gemm"}}
+  ROOT %r = (s32[], f32[2,4]{1,0}) tuple(%i, %e)
 }
 
 %scan_cond (t: (s32[], f32[2,4])) -> pred[] {
@@ -71,11 +72,11 @@ def test_counter_weights_nested_loops_and_attributes_layers():
     """A hand-written program: a 16-trip layer scan inside the decode loop; the fusion outside the
     loop is not part of a step; the fused dot without metadata takes its operand's layer scope."""
     c = opcount.count_step(HLO, num_layers=16)
-    assert c["layers"] == {"dots": 16, "fusions": 16, "custom_calls": 16, "kernels": 32}
-    assert c["per_layer"] == {"dots": 1.0, "fusions": 1.0, "custom_calls": 1.0, "kernels": 2.0}
+    assert c["layers"] == {"dots": 32, "fusions": 32, "custom_calls": 16, "kernels": 48}
+    assert c["per_layer"] == {"dots": 2.0, "fusions": 2.0, "custom_calls": 1.0, "kernels": 3.0}
     assert c["other"] == {"dots": 1, "fusions": 0, "custom_calls": 0, "kernels": 1}
     assert c["custom_call_targets"] == {"__cublas$gemm": 16}
-    assert c["routed_experts"] == {"custom-call __cublas$gemm": 16}
+    assert c["routed_experts"] == {"custom-call __cublas$gemm": 16, "fusion __triton_gemm": 16, "dot": 16}
     # the whole program: the same step plus the fusion (and its dot) before the loop
     whole = opcount.count_program(HLO, num_layers=16)
     assert whole["layers"] == c["layers"]

@@ -151,8 +151,8 @@ def expert_kernel(counts: dict) -> str:
     calls = sorted({k.split(" ", 1)[1] for k in ops if k.startswith("custom-call ")})
     if calls:
         return "custom call " + ", ".join(calls)
-    fus = sorted({k.split(" ", 1)[1] for k in ops if k.startswith("fusion ")})
-    return f"XLA dots ({ops.get('dot', 0)}) in fusions {', '.join(fus) or '-'}; no custom kernel"
+    fus = ", ".join(f"{k.split(' ', 1)[1]} x{n}" for k, n in sorted(ops.items()) if k.startswith("fusion "))
+    return f"{ops.get('dot', 0)} XLA dots; fusions {fus or '-'}; no custom call"
 
 
 def table(res: dict) -> str:

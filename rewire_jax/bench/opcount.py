@@ -80,7 +80,8 @@ def parse_hlo(text: str) -> tuple[dict, str]:
         for key, pat in (("op_name", r'op_name="([^"]*)"'), ("calls", r"calls=%?([\w.\-]+)"),
                          ("body", r"body=%?([\w.\-]+)"), ("condition", r"condition=%?([\w.\-]+)"),
                          ("target", r'custom_call_target="([^"]*)"'), ("trip", r'"known_trip_count":\{"n":"(\d+)"'),
-                         ("true", r"true_computation=%?([\w.\-]+)"), ("false", r"false_computation=%?([\w.\-]+)")):
+                         ("true", r"true_computation=%?([\w.\-]+)"), ("false", r"false_computation=%?([\w.\-]+)"),
+                         ("kind", r"kind=(\w+)"), ("config_kind", r'"fusion_config":\{"kind":"([^"]+)"')):
             g = re.search(pat, rest)
             if g:
                 ins[key] = g.group(1)
@@ -128,8 +129,8 @@ class _Counter:
                 continue
             if op == "fusion":
                 self.add("fusions", name, w)
-                if experts:
-                    self.expert_ops["fusion " + ins["name"].rstrip("0123456789.")] += w
+                if experts:   # a library / generated kernel's name (kCustom: __triton_gemm, __cudnn$fusion, ...)
+                    self.expert_ops["fusion " + (ins.get("config_kind") or ins.get("kind", "?"))] += w
                 self.walk(ins["calls"], w, True, name)
             if op not in _FREE:
                 self.add("kernels", name, w)
@@ -169,7 +170,9 @@ def count_step(hlo_text: str, num_layers: int) -> dict:
 
     -> {'total': {dots, fusions, custom_calls, kernels}, 'layers': {...} (all decoder layers),
         'per_layer': {...} (layers / num_layers), 'other': {...}, 'custom_call_targets': {target: n},
-        'routed_experts': {op: n} (ops under the `experts` scope: which kernel runs the experts)}."""
+        'routed_experts': {op: n} (ops under the `experts` scope: which kernel runs the experts:
+        'dot', 'custom-call TARGET', 'fusion KIND' with XLA's fusion kind or a custom fusion's
+        backend kind)}."""
     comps, entry = parse_hlo(hlo_text)
     loop = _decode_loop(comps, entry)
     c = _Counter(comps)
