@@ -38,19 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = ("olmoe-1b-7b", "bench", "tiny")
-
-
-def hf_shape(name: str, layers=None) -> dict:
-    from .memory import OLMOE_1B_7B
-    from .models import TINY, Shape, hf_config
-    if name not in SHAPES:
-        raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
-    hf = dict(OLMOE_1B_7B) if name == "olmoe-1b-7b" else hf_config(TINY if name == "tiny" else Shape())
-    if layers is not None:
-        hf["num_hidden_layers"] = layers
-    return hf
-
+from .models import SHAPES, shape_config
 
 def layer_split_bytes(model) -> dict:
     """Bytes read by one forward over all experts ('forward': every weight but the embedding table),
@@ -220,7 +208,7 @@ def main(argv=None) -> int:
     from ..model.weights import init_params, num_params
     from .perf import copy_bandwidth, matmul_peak
 
-    cfg = families.from_hf(hf_shape(a.shape, a.layers), dtype=a.dtype)
+    cfg = families.from_hf(shape_config(a.shape, a.layers), dtype=a.dtype)
     t0 = time.perf_counter()
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     jax.block_until_ready(params)

@@ -36,3 +36,19 @@ def build_hf(shape: Shape, seed: int = 0):
     torch.manual_seed(seed)
     kw = {k: v for k, v in hf_config(shape).items() if k not in ("model_type", "architectures")}
     return transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**kw)).to(torch.float32).eval()
+
+
+#: named shapes of the profiles (bench.accelerator, bench.opcount): OLMoE-1B-7B-0924's config, the
+#: CPU benchmark model, the tiny CI shape
+SHAPES = ("olmoe-1b-7b", "bench", "tiny")
+
+
+def shape_config(name: str, layers=None) -> dict:
+    """The HF config dict of a named shape (SHAPES), with `layers` decoder layers if given."""
+    from .memory import OLMOE_1B_7B
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
+    hf = dict(OLMOE_1B_7B) if name == "olmoe-1b-7b" else hf_config(TINY if name == "tiny" else Shape())
+    if layers is not None:
+        hf["num_hidden_layers"] = layers
+    return hf

@@ -1,6 +1,7 @@
 """Op counts of the compiled decode step: dots, fusions and custom calls per decoder layer.
 
-    python -m rewire_jax.bench.opcount [--config CONFIG_JSON] [--batch 1] [--cache-len 256] [--dispatch auto]
+    python -m rewire_jax.bench.opcount [--shape bench | --config CONFIG_JSON] [--batch 1] [--cache-len 256]
+                                       [--dispatch auto] [--dtype float32]
 
 The program counted is the library's own decode loop (`generation.decode.decode`, one token per
 step, on the weights `generate` passes it: `prepare_params`), lowered for abstract arguments and
@@ -19,7 +20,7 @@ An instruction belongs to a decoder layer when its `op_name` metadata has a `lay
 (`model.stack` names every layer's trace `layer` / `layerN`); the rest (embedding, LM head, sampling,
 loop bookkeeping) is `other`. Instructions XLA left without metadata (XLA:CPU's library fusions)
 take their first operand's op_name that has one (a matmul belongs to the layer whose activation it
-reads), else their caller's. `per_layer` is the layers' total over `cfg.num_layers`.
+reads), else their loop body's (a scanned layer's body is the layer's), else their caller's. `per_layer` is the layers' total over `cfg.num_layers`.
 `count_program` counts a whole program the same way (e.g. a prefill: `prefill_hlo`).
 """
 from __future__ import annotations
@@ -28,7 +29,10 @@ import argparse
 import collections
 import json
 import re
+from pathlib import Path
 from typing import Optional
+
+from .models import SHAPES, shape_config
 
 #: opcodes that launch no work of their own (aliases, tuples, control flow: its bodies are walked)
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
@@ -109,8 +113,10 @@ class _Counter:
     def add(self, what: str, op_name: str, w: int):
         self.part["layers" if in_layer(op_name) else "other"][what] += w
 
-    def walk(self, comp: str, w: int, fused: bool = False, outer_name: str = ""):
+    def walk(self, comp: str, w: int, fused: bool = False, outer_name: str = "", loop: bool = False):
         names = {}   # instruction -> its op_name, or else its first operand's that has one, or else the caller's
+        if loop:
+            outer_name = _body_scope(self.comps.get(comp, []), outer_name)
         for ins in self.comps.get(comp, []):
             op = ins["opcode"]
             name = ins.get("op_name") or next((names[o] for o in ins["operands"] if names.get(o)), "") or outer_name
@@ -136,12 +142,22 @@ class _Counter:
                 self.add("kernels", name, w)
             if op == "while":
                 trip = int(ins.get("trip", 1))
-                self.walk(ins["body"], w * trip, False, name)
-                self.walk(ins["condition"], w * trip, False, name)
+                self.walk(ins["body"], w * trip, False, name, loop=True)
+                self.walk(ins["condition"], w * trip, False, name, loop=True)
             if op == "call" and "calls" in ins:   # to_apply of a call
                 self.walk(ins["calls"], w, False, name)
             for b in ins["branches"]:
                 self.walk(b, w, False, name)
+
+
+def _body_scope(instrs, outer_name: str) -> str:
+    """The op_name that stands for a nested loop body's instructions without metadata: a layer's
+    when the body is a scanned layer stack's (most of its instructions that carry an op_name are in a
+    layer scope: the scan's own `while` op_name is outside the layer scope it runs), else the
+    caller's."""
+    named = [i["op_name"] for i in instrs if i.get("op_name")]
+    inside = [n for n in named if in_layer(n)]
+    return inside[0] if named and 2 * len(inside) > len(named) else outer_name
 
 
 def _decode_loop(comps, entry: str) -> dict:
@@ -241,8 +257,8 @@ def decode_step_counts(params, cfg, batch: int = 1, cache_len: int = 256, dispat
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rewire_jax.bench.opcount",
                                 description="Op counts of the compiled decode step (random weights, nothing run).")
-    p.add_argument("--config", default=None,
-                   help="an HF config.json (default: the benchmark model, bench.models.Shape)")
+    p.add_argument("--shape", default="bench", choices=SHAPES, help="a named shape (bench.models.SHAPES)")
+    p.add_argument("--config", default=None, help="an HF config.json (instead of --shape)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--cache-len", type=int, default=256)
     p.add_argument("--dispatch", default=None, help="expert dispatch path (default: the config's, 'auto')")
@@ -251,8 +267,7 @@ def main(argv=None) -> int:
     import jax
     from ..io import families
     from ..model.weights import init_params
-    from .models import Shape, hf_config
-    hf = json.loads(open(a.config).read()) if a.config else hf_config(Shape())
+    hf = json.loads(Path(a.config).read_text()) if a.config else shape_config(a.shape)
     cfg = families.from_hf(hf, dtype=a.dtype)
     params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     print(json.dumps(decode_step_counts(params, cfg, a.batch, a.cache_len, a.dispatch), indent=1))
