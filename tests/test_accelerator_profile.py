@@ -57,5 +57,5 @@ def test_profile_fields_and_consistency(profile):
     assert oc["batch"] == 2 and oc["backend"] == "cpu" and oc["num_layers"] == 2
     for k in ("dots", "fusions", "custom_calls", "kernels"):
         assert oc["total"][k] == oc["layers"][k] + oc["other"][k]
-    assert oc["per_layer"]["dots"] >= 3 and oc["routed_experts"]
-    assert "routed experts:" in text and "% roofline" in text
+    assert oc["per_layer"]["dots"] >= 3 and oc["routed_experts"] and row["prefill_routed_experts"]
+    assert "routed experts, decode:" in text and "routed experts, prefill / phase:" in text and "% roofline" in text
