@@ -20,8 +20,9 @@ An instruction belongs to a decoder layer when its `op_name` metadata has a `lay
 (`model.stack` names every layer's trace `layer` / `layerN`); the rest (embedding, LM head, sampling,
 loop bookkeeping) is `other`. Instructions XLA left without metadata (XLA:CPU's library fusions)
 take their first operand's op_name that has one (a matmul belongs to the layer whose activation it
-reads), else their loop body's (a scanned layer's body is the layer's), else their caller's. `per_layer` is the layers' total over `cfg.num_layers`.
-`count_program` counts a whole program the same way (e.g. a prefill: `prefill_hlo`).
+reads), else their loop body's (a scanned layer's body is the layer's), else their caller's.
+`per_layer` is the layers' total over `cfg.num_layers`. `count_program` counts a whole program the
+same way (e.g. a prefill: `prefill_hlo`).
 """
 from __future__ import annotations
 
