@@ -27,14 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from .models import OLMOE_1B_7B
 from .perf import scratch_dir
-
-OLMOE_1B_7B = {"architectures": ["OlmoeForCausalLM"], "attention_bias": False, "clip_qkv": None,
-               "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
-               "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe",
-               "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
-               "num_hidden_layers": 16, "num_key_value_heads": 16, "pad_token_id": 1, "rope_theta": 10000.0,
-               "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 50304}
 
 
 def write_olmoe(out: Path, layers: int, seed: int = 0) -> int:

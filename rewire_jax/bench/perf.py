@@ -71,12 +71,12 @@ def phase_flops(cfg, T: int, steps: int, lowest: int, split: Optional[int] = Non
     return sum(f[:split]) + steps * (sum(f[split:]) + head_flops(cfg, T) + bwd)
 
 
-def matmul_peak(repeats: int = 5, dtype: str = "float32") -> float:
-    """Best GFLOP/s of square matmuls (1024, 2048, 4096) under jax.jit on the default device."""
+def matmul_peak(repeats: int = 5, dtype: str = "float32", sizes=(1024, 2048, 4096)) -> float:
+    """Best GFLOP/s of square matmuls (n = each of `sizes`) under jax.jit on the default device."""
     import jax
     import jax.numpy as jnp
     best = 0.0
-    for n in (1024, 2048, 4096):
+    for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         b = jax.random.normal(jax.random.key(1), (n, n), dtype)
         f = jax.jit(lambda a, b: a @ b)
@@ -122,6 +122,24 @@ def shape_ceiling(cfg, T: int, dtype: str = "float32", repeats: int = 3) -> dict
         total_f += flops
     out["weighted"] = total_f / total_t
     return out
+
+
+def copy_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s of device memory traffic: a jitted elementwise `x + 1` over an `mb` MiB int32 array,
+    in place (the input is donated: a fresh output buffer per call cost page faults on CPU, 0.6 against
+    28 GB/s measured), reading and writing it (2 * nbytes moved), best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+    f = jax.jit(lambda x: x + 1, donate_argnums=0)
+    x = f(jnp.zeros((mb << 18,), jnp.int32))
+    x.block_until_ready()
+    nbytes, best = x.nbytes, float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x = f(x)
+        x.block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
 
 
 def numpy_peak(n: int = 2048, repeats: int = 5) -> float:
