@@ -42,9 +42,15 @@ def tokamax_available() -> bool:
 def _tokamax():
     try:
         import tokamax
+        from absl import flags
     except ImportError as e:   # pragma: no cover - exercised only without the extra
         raise ImportError("the grouped-matmul kernel path needs tokamax: pip install 'rewire-jax[accel]' "
                           "(or choose dispatch 'ragged' / 'blocked')") from e
+    # tokamax reads its options as absl flags and, if nobody parsed them, parses sys.argv itself,
+    # which fails on any other program's arguments (pytest's, the CLI's): use the defaults instead.
+    # An absl program has parsed its flags before it gets here and is left alone.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     return tokamax
 
 
