@@ -341,9 +341,12 @@ def dispatch_blocked(x, weights, idx, experts, activation="silu", limit=None, la
 def grouped_dot(counts, impl: Optional[str] = None):
     """(rows [M, K], w [E, K, N]) -> [M, N], rows sorted by expert with `counts` [E] rows each.
     impl None: jax.lax.ragged_dot (differentiable in both); 'xla' / 'tokamax': grouped.grouped_matmul
-    (input gradient only)."""
+    (input gradient only). The output is asked for in a's dtype (XLA accumulates bf16 dots in fp32 on
+    CPU, GPU and TPU): an fp32 output cast down would give the backward an fp32 cotangent, and JAX's transpose
+    of ragged_dot then converts each layer's expert weights to fp32 (9 weight-sized converts per MoE
+    layer in a bf16 phase)."""
     if impl is None:
-        return lambda a, w: jax.lax.ragged_dot(a, w, counts, preferred_element_type=jnp.float32).astype(a.dtype)
+        return lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), counts, preferred_element_type=a.dtype)
     return lambda a, w: grouped_matmul(a, w, counts, impl)
 
 
