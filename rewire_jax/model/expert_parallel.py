@@ -9,7 +9,8 @@ Each shard runs only its own E/n_expert experts on the slice I/n_tensor of their
 grouped path of its backend (`dispatch.py`: blocked on CPU, the grouped-matmul kernels or
 ragged_dot on GPU/TPU, gather for a handful of tokens, dense), on the (token, expert) rows routed
 to them: the other rows are sorted into a bucket that is never computed. The partial outputs
-(fp32) are summed over expert x tensor with one `psum`; SwiGLU is elementwise in the width, so the split is exact up to summation order.
+(fp32) are summed over expert x tensor with one `psum`; SwiGLU is elementwise in the width, so
+the split is exact up to summation order.
 Differentiable (the optimise phase's backward runs through the same shard_map).
 """
 from __future__ import annotations
