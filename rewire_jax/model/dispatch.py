@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from .grouped import grouped_matmul, tokamax_available
+from .grouped import grouped_dot, kernel_available, tokamax_available  # noqa: F401 (re-exported)
 from .layers import einsum_f32
 
 GPTOSS_ALPHA = 1.702
@@ -338,18 +338,6 @@ def dispatch_blocked(x, weights, idx, experts, activation="silu", limit=None, la
     return _combine(y, weights, plan.dest, plan.src).astype(x.dtype)
 
 
-def grouped_dot(counts, impl: Optional[str] = None):
-    """(rows [M, K], w [E, K, N]) -> [M, N], rows sorted by expert with `counts` [E] rows each.
-    impl None: jax.lax.ragged_dot (differentiable in both); 'xla' / 'tokamax': grouped.grouped_matmul
-    (input gradient only). The output is asked for in a's dtype (XLA accumulates bf16 dots in fp32 on
-    CPU, GPU and TPU): an fp32 output cast down would give the backward an fp32 cotangent, and JAX's transpose
-    of ragged_dot then converts each layer's expert weights to fp32 (9 weight-sized converts per MoE
-    layer in a bf16 phase)."""
-    if impl is None:
-        return lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), counts, preferred_element_type=a.dtype)
-    return lambda a, w: grouped_matmul(a, w, counts, impl)
-
-
 def dispatch_ragged(x, weights, idx, experts, activation="silu", limit=None, layer=None,
                     impl: Optional[str] = None):
     """Sorted rows + grouped GEMMs: jax.lax.ragged_dot, or the kernels of `grouped_matmul(impl)`."""
@@ -387,13 +375,6 @@ DISPATCH = {"dense": dispatch_dense, "gather": dispatch_gather, "blocked": dispa
 #: at 1024 / 4096 tokens, i.e. up to ~1e11 dense FLOPs; a real-size model (OLMoE-1B-7B: 4e11 at 512
 #: tokens) is past it.
 DENSE_FLOPS_ACCEL = 1.5e11
-
-
-def kernel_available(backend: Optional[str] = None) -> bool:
-    """Whether the kernel path has real kernels here: tokamax installed and `backend` (default: the
-    default one) a GPU or TPU that this process runs on (a hypothetical backend has no kernels)."""
-    backend = backend or jax.default_backend()
-    return backend in ("gpu", "tpu") and backend == jax.default_backend() and tokamax_available()
 
 
 def choose_method(n_tokens: int, k: int, num_experts: int, backend: Optional[str] = None,

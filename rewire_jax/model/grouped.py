@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -101,3 +102,23 @@ def grouped_matmul(x, w, group_sizes, impl: str = "xla"):
         raise ValueError(f"grouped_matmul wants x [M, K], w [E, K, N], group_sizes [E]; got {x.shape}, "
                          f"{w.shape}, {group_sizes.shape}")
     return _gmm(x, jax.lax.stop_gradient(w), group_sizes.astype(jnp.int32), impl)
+
+
+def grouped_dot(counts, impl: Optional[str] = None):
+    """(rows [M, K], w [E, K, N]) -> [M, N] in the rows' dtype, rows sorted by expert, counts [E].
+
+    impl None: jax.lax.ragged_dot, differentiable in both. Its output is asked for in the rows'
+    dtype (XLA accumulates bf16 dots in fp32 on CPU, GPU and TPU): an fp32 output cast down gives
+    the backward an fp32 cotangent, and JAX's transpose of ragged_dot then converts each layer's
+    expert weights to fp32 (9 weight-sized converts per MoE layer of a bf16 phase).
+    impl 'xla' / 'tokamax': `grouped_matmul` (input gradient only)."""
+    if impl is None:
+        return lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), counts, preferred_element_type=a.dtype)
+    return lambda a, w: grouped_matmul(a, w, counts, impl)
+
+
+def kernel_available(backend: Optional[str] = None) -> bool:
+    """Whether the kernel path has real kernels here: tokamax installed and `backend` (default: the
+    default one) a GPU or TPU that this process runs on (a hypothetical backend has no kernels)."""
+    backend = backend or jax.default_backend()
+    return backend in ("gpu", "tpu") and backend == jax.default_backend() and tokamax_available()
