@@ -137,7 +137,7 @@ def load(path: str | Path, dtype: str = "float32", progress: bool = False, dispa
 
     dtype: 'float32' (default) or 'bfloat16' for params and activations (router softmax, deltas
     and losses always run in float32).
-    dispatch: how the routed experts are computed ('auto', 'dense', 'gather', 'blocked', 'ragged';
+    dispatch: how the routed experts are computed ('auto', 'dense', 'gather', 'blocked', 'ragged', 'kernel';
     see rewire_jax.model.dispatch); stored in `model.config.dispatch`.
     mesh: None (one device), a `jax.sharding.Mesh`, 'data=1,expert=4,tensor=2' or a dict of mesh
     axis sizes (rewire_jax.model.sharding): every tensor is read straight into the shards this

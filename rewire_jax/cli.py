@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="sampling PRNG seed (and random selection)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    g.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged"), default="auto",
+    g.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged", "kernel"), default="auto",
                    help="how the routed experts are computed (all exact; auto picks per backend and shape)")
     from . import distributed
     distributed.add_arguments(g)

@@ -2,7 +2,7 @@
 # Idempotent set-up on a fresh machine: a virtualenv in .venv with rewire-jax installed (editable).
 #   bash scripts/setup.sh                   # library + CLI (enough for the main job)
 #   bash scripts/setup.sh --test            # + torch==2.13.0 (CPU wheel; HF reference models) + test,
-#                                           #   notebook, eval, docs and serve extras
+#                                           #   notebook, eval, docs, serve and accel extras
 #   bash scripts/setup.sh [--test] --latest # the same, resolved fresh instead of pinned
 # Both modes install with the pins of constraints.txt (the versions CI passes with) unless --latest;
 # scripts/update_constraints.sh refreshes them. torch is installed pinned and *before* the package so
@@ -27,7 +27,7 @@ else
 fi
 if [ "$test" = 1 ]; then
   .venv/bin/pip install -q torch==2.13.0
-  echo torch==2.13.0 | .venv/bin/pip install -q "${pins[@]}" -e '.[test,notebooks,eval,docs,serve]'
+  echo torch==2.13.0 | .venv/bin/pip install -q "${pins[@]}" -e '.[test,notebooks,eval,docs,serve,accel]'
 else
   echo torch==2.13.0 | .venv/bin/pip install -q "${pins[@]}" -e .
 fi

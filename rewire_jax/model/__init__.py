@@ -7,7 +7,8 @@
   attention.py    GQAttention, MLAttention (modules)
   routers.py      Router modules, one per router kind (the router table), token confidence
   moe.py          MoEBlock (router + delta: the only place a delta is added, routing, experts), DenseMLP
-  dispatch.py     expert dispatch paths (dense / gather / blocked / ragged; all exact; pure helpers)
+  dispatch.py     expert dispatch paths (dense / gather / blocked / ragged / kernel; all exact; pure helpers)
+  grouped.py      grouped matmul of sorted rows (jax.lax.ragged_dot or tokamax kernels; input gradient only)
   decoder.py      DecoderLayer, CausalLM, the module graph (ModelGraph) the jitted functions merge
   stack.py        the layer scan / unrolled stacks, KV cache layout, remat
   transformer.py  the functional API: embed, decoder_layer, run_layers, head, forward

@@ -53,7 +53,7 @@ class MLAConfig:
 REMAT_MODES = ("auto", "layer", "none")
 
 #: MoE dispatch paths (rewire_jax.model.dispatch); 'auto' picks per backend and shape
-DISPATCH_METHODS = ("auto", "dense", "gather", "blocked", "ragged")
+DISPATCH_METHODS = ("auto", "dense", "gather", "blocked", "ragged", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,13 +14,18 @@ Paths (`method`):
            experts, each expert's weights read once, and an inner loop over its blocks). Dropless
            with no capacity: the padded layout has a static upper bound N*k + E*(block-1).
            The fast path on CPU.
-  ragged   the same sort, then `jax.lax.ragged_dot` (grouped GEMM): the fast path on GPU/TPU for
-           real-size layers (on CPU ragged_dot is a slow reference loop).
+  ragged   the same sort, then `jax.lax.ragged_dot` (grouped GEMM; XLA lowers it to a dense dot
+           over all experts unless a cuDNN fusion applies; on CPU a slow reference).
+  kernel   the same sort, then grouped-matmul kernels (`grouped.py`: tokamax's Pallas Mosaic /
+           Triton kernels on TPU / GPU, its XLA implementation on CPU; optional extra `accel`).
+           Its backward computes the input gradient only: the expert weights are constants.
   auto     gather when N*k <= E; else blocked on CPU; on GPU/TPU dense for small layers (it is
-           latency, not FLOPs, that counts there) and ragged otherwise (see `choose_method`).
+           latency, not FLOPs, that counts there), otherwise kernel where tokamax is installed,
+           else ragged (see `choose_method`).
 The row permutations of the sorted paths are gathers in both directions (custom VJPs), so the
-backward pass has no scatter-add. All paths differentiate w.r.t. x, the combine weights and the
-expert weights (the rewiring never asks for the latter; under jit XLA drops that work).
+backward pass has no scatter-add. All paths but `kernel` differentiate w.r.t. x, the combine
+weights and the expert weights (the rewiring never asks for the latter; under jit XLA drops that
+work); `kernel` w.r.t. x and the combine weights (weight gradients are zero: use another path).
 """
 from __future__ import annotations
 
@@ -30,10 +35,11 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from .grouped import grouped_dot, kernel_available, tokamax_available  # noqa: F401 (re-exported)
 from .layers import einsum_f32
 
 GPTOSS_ALPHA = 1.702
-METHODS = ("dense", "gather", "blocked", "ragged")
+METHODS = ("dense", "gather", "blocked", "ragged", "kernel")
 
 
 def glu(h_gate, h_up, activation: str = "silu", limit: Optional[float] = None):
@@ -332,15 +338,16 @@ def dispatch_blocked(x, weights, idx, experts, activation="silu", limit=None, la
     return _combine(y, weights, plan.dest, plan.src).astype(x.dtype)
 
 
-def dispatch_ragged(x, weights, idx, experts, activation="silu", limit=None, layer=None):
-    """Sorted rows + jax.lax.ragged_dot grouped GEMMs (GPU/TPU)."""
+def dispatch_ragged(x, weights, idx, experts, activation="silu", limit=None, layer=None,
+                    impl: Optional[str] = None):
+    """Sorted rows + grouped GEMMs: jax.lax.ragged_dot, or the kernels of `grouped_matmul(impl)`."""
     experts = layer_view(experts, layer)
     N, d = x.shape
     k = idx.shape[1]
     E = experts["gate_proj"].shape[0]
     plan = make_plan(idx, E, 1)
     rows = _expand(x, plan.src, plan.dest, k)
-    rd = lambda a, w: jax.lax.ragged_dot(a, w, plan.counts, preferred_element_type=jnp.float32).astype(a.dtype)
+    rd = grouped_dot(plan.counts, impl)
     hg, hu = rd(rows, experts["gate_proj"]), rd(rows, experts["up_proj"])
     if "gate_bias" in experts:
         e_of_row = jnp.take(idx.reshape(-1), plan.src)       # P == N*k: no padding rows here
@@ -351,8 +358,15 @@ def dispatch_ragged(x, weights, idx, experts, activation="silu", limit=None, lay
     return _combine(y, weights, plan.dest, plan.src).astype(x.dtype)
 
 
+def dispatch_kernel(x, weights, idx, experts, activation="silu", limit=None, layer=None):
+    """Sorted rows + tokamax's grouped-matmul kernels (GPU/TPU); input gradient only (the expert
+    weights, biases included, are constants)."""
+    experts = jax.lax.stop_gradient(dict(experts))
+    return dispatch_ragged(x, weights, idx, experts, activation, limit, layer, impl="tokamax")
+
+
 DISPATCH = {"dense": dispatch_dense, "gather": dispatch_gather, "blocked": dispatch_blocked,
-            "ragged": dispatch_ragged}
+            "ragged": dispatch_ragged, "kernel": dispatch_kernel}
 
 
 #: GPU/TPU: below this many dense-path FLOPs (forward, all experts on all tokens) the dense path
@@ -364,17 +378,20 @@ DENSE_FLOPS_ACCEL = 1.5e11
 
 
 def choose_method(n_tokens: int, k: int, num_experts: int, backend: Optional[str] = None,
-                  hidden: int = 0, inter: int = 0) -> str:
+                  hidden: int = 0, inter: int = 0, kernel: Optional[bool] = None) -> str:
     """The automatic choice: gather for a handful of tokens (decode); on CPU the blocked grouped
-    matmuls; on GPU/TPU dense while it is cheap, else ragged_dot. Override per model
-    (`ModelConfig.dispatch`, `load(..., dispatch=...)`, CLI `--dispatch`) or per call (`dispatch=`
-    of `forward` / `prefill` / `decode` / `optimise_phase`): both are static, so jit caches see them."""
+    matmuls; on GPU/TPU dense while it is cheap, else the grouped-matmul kernels (`kernel`: None =
+    `kernel_available(backend)`), else ragged_dot. Override per model (`ModelConfig.dispatch`,
+    `load(..., dispatch=...)`, CLI `--dispatch`) or per call (`dispatch=` of `forward` / `prefill` /
+    `decode` / `optimise_phase`): both are static, so jit caches see them."""
     if n_tokens * k <= num_experts:
         return "gather"
     backend = backend or jax.default_backend()
     if backend == "cpu":
         return "blocked"
-    return "dense" if 6.0 * n_tokens * num_experts * hidden * inter <= DENSE_FLOPS_ACCEL else "ragged"
+    if 6.0 * n_tokens * num_experts * hidden * inter <= DENSE_FLOPS_ACCEL:
+        return "dense"
+    return "kernel" if (kernel_available(backend) if kernel is None else kernel) else "ragged"
 
 
 def dispatch(x, weights, idx, experts, method: str = "auto", activation: str = "silu",

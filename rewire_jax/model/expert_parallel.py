@@ -6,10 +6,11 @@ Layout inside the shard_map (mesh axes of `model/sharding.py`):
   experts {gate,up}_proj [E, d, I], down_proj [E, I, d] (+ biases): E on `expert`, I on `tensor`
       (a leading stacked-layer axis, when the scan over layers passes the stack, is unsharded).
 Each shard runs only its own E/n_expert experts on the slice I/n_tensor of their width, with the
-grouped path of its backend (`dispatch.py`: blocked on CPU, ragged_dot on GPU/TPU, gather for a
-handful of tokens, dense), on the (token, expert) rows routed to them: the other rows are sorted
-into a bucket that is never computed. The partial outputs (fp32) are summed over expert x tensor
-with one `psum`; SwiGLU is elementwise in the width, so the split is exact up to summation order.
+grouped path of its backend (`dispatch.py`: blocked on CPU, the grouped-matmul kernels or
+ragged_dot on GPU/TPU, gather for a handful of tokens, dense), on the (token, expert) rows routed
+to them: the other rows are sorted into a bucket that is never computed. The partial outputs
+(fp32) are summed over expert x tensor with one `psum`; SwiGLU is elementwise in the width, so
+the split is exact up to summation order.
 Differentiable (the optimise phase's backward runs through the same shard_map).
 """
 from __future__ import annotations
@@ -35,15 +36,17 @@ def _local_sorted(x, w, li, valid, experts, n_local, method, activation, limit, 
         rows = D._expand(x, plan.src, plan.dest, k)
         y = D._blocked_ffn(block, activation, limit, rows, plan, dict(experts), layer)
         return D._combine(y, w, plan.dest, plan.src)
-    # ragged: group sizes of the local experts only; the bucket's rows (at the end) give zeros
+    # ragged / kernel: group sizes of the local experts only; the bucket's rows (at the end) give zeros
     ex = D.layer_view(experts, layer)
+    if method == "kernel":
+        ex = jax.lax.stop_gradient(ex)
     plan = D.make_plan(e, n_local + 1, 1)
     rows = D._expand(x, plan.src, plan.dest, k)
     counts = plan.counts[:n_local]
     e_row = jnp.take(e.reshape(-1), plan.src)
     keep = (e_row < n_local)[:, None]
     e_row = jnp.minimum(e_row, n_local - 1)
-    rd = lambda a, m: jax.lax.ragged_dot(a, m, counts, preferred_element_type=jnp.float32).astype(a.dtype)
+    rd = D.grouped_dot(counts, "tokamax" if method == "kernel" else None)   # bucket rows: zeros
     hg, hu = rd(rows, ex["gate_proj"]), rd(rows, ex["up_proj"])
     if "gate_bias" in ex:
         hg, hu = hg + ex["gate_bias"][e_row], hu + ex["up_bias"][e_row]
@@ -70,7 +73,7 @@ def _local(x, w, idx, experts, layer, *, num_experts, n_expert, method, activati
     if m == "auto":
         inter = experts["gate_proj"].shape[-1]
         m = D.choose_method(B * T, k, n_local, hidden=d, inter=inter)
-    if m in ("blocked", "ragged"):
+    if m in ("blocked", "ragged", "kernel"):
         y = _local_sorted(xf, wf, li, valid, experts, n_local, m, activation, limit, layer)
     else:   # dense / gather: every local expert id valid, the others weigh 0
         lic = jnp.clip(li, 0, n_local - 1)

@@ -11,7 +11,7 @@ the router's own selection rule picks the top-k and combine weights from them (r
 `pathway_scores` / `route_scores`). Without an override the program is today's, bit for bit.
 
   routers.py   the router table (kind -> Router module: the block's `routing`), token confidence (Eq. 2)
-  dispatch.py  how the routed experts are computed (dense / gather / blocked / ragged; all exact)
+  dispatch.py  how the routed experts are computed (dense / gather / blocked / ragged / kernel; all exact)
 """
 from __future__ import annotations
 

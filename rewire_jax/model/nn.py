@@ -24,7 +24,7 @@ from .weights import Weight, init_weight
 class Execution:
     """How a module call runs; every choice gives the same values.
 
-    dispatch: the routed-expert path ('auto' | 'dense' | 'gather' | 'blocked' | 'ragged');
+    dispatch: the routed-expert path ('auto' | 'dense' | 'gather' | 'blocked' | 'ragged' | 'kernel');
     lean: attention keeps no probabilities for the backward (inside a rematerialised layer);
     mesh: a jax.sharding.Mesh (expert-parallel MoE) or None."""
 

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     add_rewire_arguments(s)
     s.add_argument("--seed", type=int, default=0, help="the engine's sampling key (and random selection)")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    s.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged"), default="auto")
+    s.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged", "kernel"), default="auto")
     s.add_argument("--drain-timeout", type=float, default=120.0,
                    help="seconds SIGTERM waits for requests in flight")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
