@@ -158,6 +158,7 @@ def _gqa(cfg: ModelConfig) -> dict:
     d, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     sizes = (H * D, K * D, K * D)
     qkv = _joined((HF("t", f"self_attn.{n}_proj.weight") for n in "qkv"), sizes)
+    # the fused columns shard like the query heads (tensor); GSPMD reshards at the q | k | v split
     w = {"qkv_proj": Weight((d, sum(sizes)), ("embed", "q_heads"), qkv),
          "o_proj": _linear("self_attn.o_proj", H * D, d, ("q_heads", "embed"))}
     if cfg.attention_bias:
