@@ -165,8 +165,9 @@ def test_mxfp4_checkpoint_loads_exactly(hf_dirs, loaded, tmp_path):
     # bit-exact dequantization (gate = even columns of HF's input-major gate_up_proj)
     for i in range(cfg["num_hidden_layers"]):
         hf_exp, mlp = hf_q.model.layers[i].mlp.experts, layer_params(ours.params, ours.config, i)["mlp"]
-        assert np.array_equal(hf_exp.gate_up_proj.detach().numpy()[..., 0::2], np.asarray(mlp["gate_proj"]))
-        assert np.array_equal(hf_exp.gate_up_proj.detach().numpy()[..., 1::2], np.asarray(mlp["up_proj"]))
+        inter = mlp["down_proj"].shape[-2]   # ours: gate_up_proj [E, d, 2I] = gate | up (halves)
+        assert np.array_equal(hf_exp.gate_up_proj.detach().numpy()[..., 0::2], np.asarray(mlp["gate_up_proj"])[..., :inter])
+        assert np.array_equal(hf_exp.gate_up_proj.detach().numpy()[..., 1::2], np.asarray(mlp["gate_up_proj"])[..., inter:])
         assert np.array_equal(hf_exp.down_proj.detach().numpy(), np.asarray(mlp["down_proj"]))
     ids = np.random.default_rng(0).integers(3, 128, (2, T))
     ref = hf_logits(hf_q, ids)

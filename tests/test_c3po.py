@@ -174,7 +174,7 @@ def test_remixed_weights_equal_a_hand_computation_on_two_neighbours(model):
                            override=(jnp.asarray(r.target[:, -1]), jnp.asarray(r.alpha[:, -1]), active))
         rows = np.arange(P) >= r.start[0]
         np.testing.assert_array_equal(np.sort(np.asarray(aux["idx"][0])[rows], -1), np.sort(hand_idx[rows], -1))
-        experts = {n: p[n] for n in ("gate_proj", "up_proj", "down_proj")}
+        experts = {n: p[n] for n in ("gate_up_proj", "down_proj")}
         want = dispatch_dense(x[0][rows], jnp.asarray(hand_w[rows], jnp.float32), jnp.asarray(hand_idx[rows]),
                               experts)
         np.testing.assert_allclose(np.asarray(y[0])[rows], np.asarray(want), rtol=1e-5, atol=1e-6)

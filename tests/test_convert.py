@@ -74,3 +74,39 @@ def test_format_2_checkpoint_still_loads(hf_dirs, tmp_path):
     (old / checkpoint.MARKER).write_text(json.dumps({**meta, "format": 2}))
     ids = np.arange(3, 15)[None]
     np.testing.assert_array_equal(np.asarray(rewire_jax.load(old)(ids)), np.asarray(rewire_jax.load(new)(ids)))
+
+
+def test_checkpoint_converted_before_the_fused_projections_still_loads(hf_dirs, tmp_path):
+    """A format-3 directory with unfused leaves (q_proj / k_proj / v_proj, gate_proj / up_proj, as
+    written before issue 19's fused layout) loads to the same params as the HF directory."""
+    import jax
+    from rewire_jax.model.weights import param_shapes
+    _, d = hf_dirs("qwen2_moe")   # q/k/v biases, a gated shared expert
+    model = rewire_jax.load(d)
+    cfg, params = model.config, jax.tree.map(np.asarray, model.params)
+
+    def unfuse(tree):
+        out = {}
+        for n, a in tree.items():
+            if isinstance(a, dict):
+                out[n] = unfuse(a)
+            elif n in checkpoint.UNFUSED:
+                parts = checkpoint.UNFUSED[n]
+                if n.startswith("qkv"):
+                    hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+                    edges = [hq, hq + hk]
+                else:
+                    edges = [a.shape[-1] // 2]
+                out.update(zip(parts, np.split(a, edges, axis=-1)))
+            else:
+                out[n] = a
+        return out
+
+    old = unfuse(params)
+    assert "q_proj" in old["stacks"]["0"]["0"]["attn"] and "qkv_proj" not in old["stacks"]["0"]["0"]["attn"]
+    checkpoint.save_converted(tmp_path / "old", cfg, old, d)
+    cfg2, back = checkpoint.load_converted(tmp_path / "old")
+    assert cfg2 == cfg
+    assert jax.tree.structure(back) == jax.tree.structure(param_shapes(cfg))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)

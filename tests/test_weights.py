@@ -88,3 +88,53 @@ def test_init_reads_the_declarations():
     params = init_params(cfg, jax.random.key(0))
     assert "lm_head" not in params and "lm_head" not in decl
     assert float(params["final_norm"][0]) == 1.0 and params["stacks"]["0"]["0"]["mlp"]["router"].shape == (3, 32, 6)
+
+
+def _source(tensors: dict):
+    from rewire_jax.io.safetensors import TensorSource
+    return TensorSource({k: (v.shape, v.dtype.name, lambda v=v: v) for k, v in tensors.items()}, "<test>")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(model_type="qwen2_moe", attention_bias=True, shared_expert_size=20,
+                                         shared_expert_gate=True, qk_norm="none")])
+def test_fused_projections_join_the_hf_tensors_and_split_back(kw):
+    """qkv_proj = [q_proj^T | k_proj^T | v_proj^T] and the experts' gate_up_proj = [gate | up] per
+    expert (the `cat` mapping), read from HF tensors and written back to the same tensors."""
+    from rewire_jax.io.export import hf_state_dict
+    from rewire_jax.io.hf import lazy_params, materialise
+    from rewire_jax.model.weights import layer_params
+    cfg = tiny(2, **kw)
+    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(1)))
+    hf = hf_state_dict(cfg, params)
+    assert not any(k.endswith(("qkv_proj.weight", "gate_up_proj")) for k in hf)   # the hub's split layout
+    pre = "model.layers.1."
+    lp = layer_params(params, cfg, 1)
+    np.testing.assert_array_equal(lp["attn"]["qkv_proj"], np.concatenate(
+        [hf[f"{pre}self_attn.{n}_proj.weight"].T for n in "qkv"], -1))
+    I = cfg.moe_intermediate_size
+    np.testing.assert_array_equal(lp["mlp"]["gate_up_proj"][3], np.concatenate(
+        [hf[f"{pre}mlp.experts.3.{n}_proj.weight"].T for n in ("gate", "up")], -1))
+    assert lp["mlp"]["gate_up_proj"].shape[-1] == 2 * I
+    if cfg.attention_bias:
+        np.testing.assert_array_equal(lp["attn"]["qkv_bias"], np.concatenate(
+            [hf[f"{pre}self_attn.{n}_proj.bias"] for n in "qkv"]))
+        np.testing.assert_array_equal(lp["mlp"]["shared_gate_up_proj"], np.concatenate(
+            [hf[f"{pre}mlp.shared_expert.{n}_proj.weight"].T for n in ("gate", "up")], -1))
+    back = materialise(lazy_params(cfg, _source(hf)), cfg)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    # a region read of a fused weight reads across the parts' boundary exactly
+    lazy = lazy_params(cfg, _source(hf))["stacks"]["0"]["0"]["attn"]["qkv_proj"]
+    region = (slice(0, 2), slice(3, 9), slice(cfg.num_heads * cfg.head_dim - 5, cfg.num_heads * cfg.head_dim + 7))
+    np.testing.assert_array_equal(lazy.part(region), params["stacks"]["0"]["0"]["attn"]["qkv_proj"][region])
+
+
+def test_a_wrong_part_of_a_fused_weight_is_named():
+    from rewire_jax.io.export import hf_state_dict
+    from rewire_jax.io.hf import lazy_params
+    from rewire_jax.io.safetensors import CheckpointError
+    cfg = tiny(2)
+    hf = hf_state_dict(cfg, jax.tree.map(np.asarray, init_params(cfg, jax.random.key(1))))
+    hf["model.layers.1.self_attn.k_proj.weight"] = hf["model.layers.1.self_attn.k_proj.weight"][:-1]
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight: checkpoint has \(32, 15\), config.json implies \(32, 16\)"):
+        lazy_params(cfg, _source(hf))

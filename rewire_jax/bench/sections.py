@@ -21,7 +21,7 @@ def dispatch_table(shape, args) -> dict:
             rng = np.random.default_rng(0)
             x = jnp.asarray(rng.normal(size=(N, d)), dt)
             ex = {n: jnp.asarray(rng.normal(size=s) * 0.05, dt) for n, s in
-                  (("gate_proj", (E, d, I)), ("up_proj", (E, d, I)), ("down_proj", (E, I, d)))}
+                  (("gate_up_proj", (E, d, 2 * I)), ("down_proj", (E, I, d)))}
             w, idx = jax.lax.top_k(jax.nn.softmax(jnp.asarray(rng.normal(size=(N, E)), jnp.float32)), k)
             for method in [m for m in moe.METHODS if m != "kernel" or moe.tokamax_available()]:
                 f = jax.jit(jax.grad(lambda x, w: jnp.sum(moe.dispatch(x, w, idx, ex, method).astype(jnp.float32) ** 2),

@@ -23,7 +23,7 @@ from ..model.config import ModelConfig
 from ..model.weights import param_shapes
 from .atomic import atomic_directory
 from .hf import place
-from .safetensors import Lazy
+from .safetensors import Lazy, concat
 
 MARKER = "rewire_jax.json"
 #: 3: one orbax item per leaf (2: one orbax tree for all leaves; 1: one subtree per layer)
@@ -131,13 +131,30 @@ def load_converted(path: str | Path, dtype: str | None = None, shardings=None) -
         shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     restored = []
     for name, t, sh in zip(leaf_names(target), leaves, shards):
-        lazy = leaf_reader(path / "params" / name)
+        lazy = _leaf(path / "params", name)
         if tuple(lazy.shape) != tuple(t.shape):
             raise ValueError(f"{path / 'params' / name} holds shape {lazy.shape}, the config implies "
                              f"{tuple(t.shape)}; re-run python -m convert")
         # region by region into this process's shards (never the whole leaf on the host twice)
         restored.append(np.asarray(lazy.load()).astype(t.dtype, copy=False) if sh is None else place(lazy, sh, t.dtype))
     return cfg, jax.tree_util.tree_unflatten(treedef, restored)
+
+
+#: fused leaves (issue 19) -> the leaves a checkpoint written before the fusion holds instead,
+#: joined along the last axis in this order
+UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "qkv_bias": ("q_bias", "k_bias", "v_bias"),
+           "gate_up_proj": ("gate_proj", "up_proj"), "gate_up_bias": ("gate_bias", "up_bias"),
+           "shared_gate_up_proj": ("shared_gate_proj", "shared_up_proj")}
+
+
+def _leaf(params_dir: Path, name: str) -> Lazy:
+    """Leaf `name`; a fused leaf missing from a checkpoint converted before the fused layout is
+    read as its unfused leaves joined (same values, so old conversions keep loading)."""
+    head, _, last = name.rpartition(".")
+    parts = UNFUSED.get(last, ())
+    if not (params_dir / name).exists() and parts and all((params_dir / f"{head}.{p}").exists() for p in parts):
+        return concat([leaf_reader(params_dir / f"{head}.{p}") for p in parts], -1)
+    return leaf_reader(params_dir / name)
 
 
 def leaf_reader(leaf_dir: Path) -> Lazy:

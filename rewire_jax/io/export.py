@@ -105,6 +105,10 @@ def _write(out: dict, w: Weight, a: np.ndarray, cfg: ModelConfig, prefix: str = 
             buf = out.setdefault(name, np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype))
             first = 0 if h.part.startswith("gate") else 1
             buf[..., first::2] = a
+    elif h.kind == "cat":               # a fused weight: split along the last axis, each part as its kind
+        edges = np.cumsum((0,) + tuple(h.sizes))
+        for pw, lo, hi in zip(w.parts(), edges[:-1], edges[1:]):
+            _write(out, pw, a[..., lo:hi], cfg, prefix)
     else:
         raise ExportError(f"no HF export for mapping kind {h.kind!r}")
 

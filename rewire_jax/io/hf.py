@@ -18,7 +18,7 @@ import numpy as np
 from ..model.config import ModelConfig
 from ..model.weights import HF, Weight, declarations, layer_plan, layer_weights, map_weights, model_weights
 from . import mxfp4
-from .safetensors import CheckpointError, Lazy, TensorSource, normalise, stack, take_slice, transpose
+from .safetensors import CheckpointError, Lazy, TensorSource, concat, normalise, stack, take_slice, transpose
 
 #: Key spellings accepted besides the declared (hub) one: Mixtral's `block_sparse_moe` hub keys are
 #: `mlp` in a raw transformers state_dict.
@@ -87,6 +87,18 @@ def _gptoss_experts(src: TensorSource, prefix: str, part: str) -> Lazy:
     return take_slice(full, 2, 0 if part == "gate" else 1, full.shape[-1], 2)
 
 
+def _joined(src: TensorSource, w: Weight, cfg: ModelConfig, prefix: str) -> Lazy:
+    """A fused weight: its parts read (and shape-checked, the error naming the part's key) and joined."""
+    parts = []
+    for pw in w.parts():
+        lazy = read(src, pw, cfg, prefix)
+        if tuple(lazy.shape) != tuple(pw.shape):
+            raise CheckpointError(f"shape mismatch for {lazy.origin}: checkpoint has {lazy.shape}, "
+                                  f"config.json implies {tuple(pw.shape)} (a part of a fused weight)")
+        parts.append(lazy)
+    return concat(parts, -1)
+
+
 def read(src: TensorSource, w: Weight, cfg: ModelConfig, prefix: str = "") -> Lazy:
     """One declared weight (unstacked) from the checkpoint; `prefix` = 'model.layers.{i}.' for layers."""
     h: HF = w.hf
@@ -101,6 +113,8 @@ def read(src: TensorSource, w: Weight, cfg: ModelConfig, prefix: str = "") -> La
         return _swiglu_experts(src, key, h.part, which, cfg.num_experts)
     if h.kind == "gptoss":
         return _gptoss_experts(src, key, h.part)
+    if h.kind == "cat":
+        return _joined(src, w, cfg, prefix)
     raise ValueError(f"unknown HF mapping kind {h.kind!r}")
 
 

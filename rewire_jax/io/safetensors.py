@@ -108,6 +108,32 @@ def _stack_all(ts, axis):
     return out
 
 
+def concat(ts: list[Lazy], axis: int = -1) -> Lazy:
+    """Tensors joined along `axis` (a fused weight: q | k | v, gate | up); a region read reads only
+    the parts it overlaps."""
+    axis = axis % len(ts[0].shape)
+    rest = {t.shape[:axis] + t.shape[axis + 1:] for t in ts}
+    if len(rest) != 1:
+        raise CheckpointError(f"cannot join tensors along axis {axis}: "
+                              + ", ".join(f"{t.origin} {t.shape}" for t in ts))
+    edges = np.cumsum([0] + [t.shape[axis] for t in ts]).tolist()
+    shape = list(ts[0].shape)
+    shape[axis] = edges[-1]
+
+    def part(index):
+        s = index[axis]
+        pieces = []
+        for t, lo, hi in zip(ts, edges[:-1], edges[1:]):
+            a, b = max(s.start, lo), min(s.stop, hi)
+            if a < b:
+                pieces.append(t.part(index[:axis] + (slice(a - lo, b - lo),) + index[axis + 1:]))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis)
+
+    def load():
+        return np.concatenate([t.load() for t in ts], axis)
+    return Lazy(shape, ts[0].dtype, load, " + ".join(t.origin for t in ts), part)
+
+
 def take_slice(t: Lazy, axis: int, start: int, stop: int, step: int = 1) -> Lazy:
     idx = [slice(None)] * len(t.shape)
     idx[axis] = slice(start, stop, step)

@@ -34,6 +34,12 @@ def linear(x, w, b=None):
     return y if b is None else y + b.astype(y.dtype)
 
 
+def split_qkv(qkv, cfg: ModelConfig):
+    """The fused projection [..., (H + 2K) * D] (columns q | k | v) -> q [..., H*D], k, v [..., K*D]."""
+    hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return qkv[..., :hq], qkv[..., hq:hq + hk], qkv[..., hq + hk:]
+
+
 def _mask(positions, cache_rows: Optional[int], kv_valid, window):
     """Mask for attending within the chunk (cache_rows None) or over a cache of `cache_rows` rows."""
     if cache_rows is None:
@@ -52,7 +58,7 @@ def _with_rows(cache, rows, positions):
 
 
 class GQAttention(nnx.Module):
-    """Grouped-query attention with RoPE; q/k/v (and o) biases, flat or per-head q/k norm, clip_qkv,
+    """Grouped-query attention with RoPE; one fused q|k|v projection; q/k/v (and o) biases, flat or per-head q/k norm, clip_qkv,
     a sliding window and attention sinks as the config asks. Params: `weights.py` `_gqa`."""
 
     def __init__(self, cfg: ModelConfig, window: Optional[int] = None, *, repeats: Optional[int] = None,
@@ -65,7 +71,7 @@ class GQAttention(nnx.Module):
         c, w = self.cfg, functools.partial(value, self)
         B, T, _ = x.shape
         with jax.named_scope("qkv"):
-            q, k, v = (linear(x, w(f"{n}_proj"), w(f"{n}_bias")) for n in "qkv")
+            q, k, v = split_qkv(linear(x, w("qkv_proj"), w("qkv_bias")), c)
             if c.qk_norm == "flat":
                 q, k = L.rms_norm(q, w("q_norm"), c.rms_norm_eps), L.rms_norm(k, w("k_norm"), c.rms_norm_eps)
             if c.clip_qkv is not None:

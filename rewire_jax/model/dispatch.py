@@ -2,8 +2,10 @@
 
 All paths take the routing already decided:
   x [N, d] tokens, weights [N, k] combine weights, idx [N, k] expert ids,
-  experts {'gate_proj' [E, d, I], 'up_proj' [E, d, I], 'down_proj' [E, I, d],
-           optional 'gate_bias' [E, I], 'up_bias' [E, I], 'down_bias' [E, d]}
+  experts {'gate_up_proj' [E, d, 2I] (gate | up: one matmul, then split), 'down_proj' [E, I, d],
+           optional 'gate_up_bias' [E, 2I], 'down_bias' [E, d]}
+           (separate 'gate_proj' / 'up_proj' [E, d, I] and 'gate_bias' / 'up_bias' are joined on entry:
+           `fused`)
 and return [N, d]. `activation` is 'silu' (SwiGLU) or 'gptoss' (clamped SwiGLU, `limit`).
 
 Paths (`method`):
@@ -53,6 +55,34 @@ def glu(h_gate, h_up, activation: str = "silu", limit: Optional[float] = None):
     raise ValueError(f"unknown expert activation {activation!r}")
 
 
+def glu_fused(h, activation: str = "silu", limit: Optional[float] = None):
+    """`glu` of the fused projection h [..., 2I] (gate | up)."""
+    inter = h.shape[-1] // 2
+    return glu(h[..., :inter], h[..., inter:], activation, limit)
+
+
+SPLIT = (("gate_up_proj", "gate_proj", "up_proj"), ("gate_up_bias", "gate_bias", "up_bias"))
+
+
+def fused(experts):
+    """The expert weights with gate and up fused (`gate_up_proj` [..., E, d, 2I], `gate_up_bias`
+    [..., E, 2I]): as they are when already fused (the model's layout, weights.py), else joined here
+    (a caller holding separate gate / up weights)."""
+    experts = dict(experts)
+    for joined, gate, up in SPLIT:
+        if gate in experts:
+            experts[joined] = jnp.concatenate([experts.pop(gate), experts.pop(up)], -1)
+    return experts
+
+
+def expert_dims(experts) -> tuple[int, int, int]:
+    """(E, d, I) of fused or separate expert weights (a leading layer axis allowed)."""
+    if "gate_up_proj" in experts:
+        E, d, I2 = experts["gate_up_proj"].shape[-3:]
+        return E, d, I2 // 2
+    return tuple(experts["gate_proj"].shape[-3:])
+
+
 def _pick(w, layer, e):
     """Expert e's weights [...] from w [E, ...], or from a layer stack w [R, E, ...] at `layer`:
     one dynamic slice of just that expert (slicing the layer first would copy all its experts)."""
@@ -80,12 +110,11 @@ def dispatch_dense(x, weights, idx, experts, activation="silu", limit=None, laye
 
     E/k times the FLOPs of the sparse paths; the ground truth in tests, and fine for tiny E.
     """
-    experts = layer_view(experts, layer)
-    E = experts["gate_proj"].shape[0]
+    experts = layer_view(fused(experts), layer)
+    E = experts["gate_up_proj"].shape[0]
     combine = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32) * weights[..., None].astype(jnp.float32), axis=1)
-    hg = jnp.einsum("nd,edi->nei", x, experts["gate_proj"]) + _bias(experts, "gate_bias")
-    hu = jnp.einsum("nd,edi->nei", x, experts["up_proj"]) + _bias(experts, "up_bias")
-    h = glu(hg, hu, activation, limit)
+    h = glu_fused(jnp.einsum("nd,edi->nei", x, experts["gate_up_proj"]) + _bias(experts, "gate_up_bias"),
+                  activation, limit)
     out = einsum_f32("nei,eid->ned", h, experts["down_proj"]) + _bias(experts, "down_bias")
     return jnp.einsum("ned,ne->nd", out, combine).astype(x.dtype)
 
@@ -98,15 +127,16 @@ def dispatch_gather(x, weights, idx, experts, activation="silu", limit=None, lay
     """
     N, d = x.shape
     k = idx.shape[1]
-    bg, bu, bd = (experts.get(n) for n in ("gate_bias", "up_bias", "down_bias"))
+    experts = fused(experts)
+    bgu, bd = experts.get("gate_up_bias"), experts.get("down_bias")
     take = lambda w, e: _pick(w, layer, e)
 
     def row(args):
         xr, e = args
-        hg, hu = _dot(xr, take(experts["gate_proj"], e)), _dot(xr, take(experts["up_proj"], e))
-        if bg is not None:
-            hg, hu = hg + take(bg, e), hu + take(bu, e)
-        y = _dot(glu(hg, hu, activation, limit), take(experts["down_proj"], e))
+        h = _dot(xr, take(experts["gate_up_proj"], e))
+        if bgu is not None:
+            h = h + take(bgu, e)
+        y = _dot(glu_fused(h, activation, limit), take(experts["down_proj"], e))
         return y + take(bd, e) if bd is not None else y
 
     rows = jnp.repeat(x, k, axis=0)[:, None]                        # [N*k, 1, d]
@@ -269,50 +299,47 @@ def _blocked_ffn(block: int, activation: str, limit, rows, plan, experts, layer)
 
 def _blocked_ffn_fwd(block, activation, limit, rows, plan, experts, layer):
     P, d = rows.shape
-    I = experts["gate_proj"].shape[-1]
+    I2 = experts["gate_up_proj"].shape[-1]
 
     def body(e, w, b, carry):
-        y, hg_all, hu_all = carry
+        y, h_all = carry
         xb = _rows_at(rows, b, block)
-        hg, hu = _dot(xb, w["gate_proj"]), _dot(xb, w["up_proj"])
-        if "gate_bias" in w:
-            hg, hu = hg + w["gate_bias"], hu + w["up_bias"]
-        yb = _dot(glu(hg, hu, activation, limit), w["down_proj"])
+        h = _dot(xb, w["gate_up_proj"])
+        if "gate_up_bias" in w:
+            h = h + w["gate_up_bias"]
+        yb = _dot(glu_fused(h, activation, limit), w["down_proj"])
         if "down_bias" in w:
             yb = yb + w["down_bias"]
-        return _put_rows(y, yb, b, block), _put_rows(hg_all, hg, b, block), _put_rows(hu_all, hu, b, block)
+        return _put_rows(y, yb, b, block), _put_rows(h_all, h, b, block)
 
     zeros = lambda n: jnp.zeros((P, n), rows.dtype)
-    y, hg, hu = _expert_loop(plan, experts, body, (zeros(d), zeros(I), zeros(I)), layer)
-    return y, (rows, plan, experts, layer, hg, hu)
+    y, h = _expert_loop(plan, experts, body, (zeros(d), zeros(I2)), layer)
+    return y, (rows, plan, experts, layer, h)
 
 
 def _blocked_ffn_bwd(block, activation, limit, res, gy):
-    rows, plan, experts, layer, hg_all, hu_all = res
+    rows, plan, experts, layer, h_all = res
     P, d = rows.shape
 
     def block_grads(w, b):
         g = _rows_at(gy, b, block)
-        h, pull = jax.vjp(lambda a, c: glu(a, c, activation, limit), _rows_at(hg_all, b, block),
-                          _rows_at(hu_all, b, block))
-        dhg, dhu = pull(_dot_t(g, w["down_proj"]))
-        return g, h, dhg, dhu
+        a, pull = jax.vjp(lambda h: glu_fused(h, activation, limit), _rows_at(h_all, b, block))
+        dh, = pull(_dot_t(g, w["down_proj"]))
+        return g, a, dh
 
-    # activations: dx = dhg Wg^T + dhu Wu^T
+    # activations: dx = dh W_gate_up^T (dh = [dgate | dup])
     def body_dx(e, w, b, dx):
-        _, _, dhg, dhu = block_grads(w, b)
-        return _put_rows(dx, _dot_t(dhg, w["gate_proj"]) + _dot_t(dhu, w["up_proj"]), b, block)
+        _, _, dh = block_grads(w, b)
+        return _put_rows(dx, _dot_t(dh, w["gate_up_proj"]), b, block)
 
     dx = _expert_loop(plan, experts, body_dx, jnp.zeros((P, d), rows.dtype), layer)
 
     # expert weights: a separate loop, so that XLA drops it when nobody asks for weight gradients
     def body_dw(e, w, b, acc):
-        g, h, dhg, dhu = block_grads(w, b)
+        g, h, dh = block_grads(w, b)
         x = _rows_at(rows, b, block)
-        upd = {"gate_proj": einsum_f32("bd,bi->di", x, dhg), "up_proj": einsum_f32("bd,bi->di", x, dhu),
-               "down_proj": einsum_f32("bi,bd->id", h, g),
-               "gate_bias": jnp.sum(dhg.astype(jnp.float32), 0), "up_bias": jnp.sum(dhu.astype(jnp.float32), 0),
-               "down_bias": jnp.sum(g.astype(jnp.float32), 0)}
+        upd = {"gate_up_proj": einsum_f32("bd,bi->di", x, dh), "down_proj": einsum_f32("bi,bd->id", h, g),
+               "gate_up_bias": jnp.sum(dh.astype(jnp.float32), 0), "down_bias": jnp.sum(g.astype(jnp.float32), 0)}
         at = e if layer is None else (layer, e)
         return {n: a.at[at].add(upd[n]) for n, a in acc.items()}
 
@@ -330,29 +357,29 @@ def dispatch_blocked(x, weights, idx, experts, activation="silu", limit=None, la
     """Sorted + block-padded grouped matmuls, one loop step per block (unused blocks skipped)."""
     N, d = x.shape
     k = idx.shape[1]
-    E = experts["gate_proj"].shape[0 if layer is None else 1]
+    experts = fused(experts)
+    E = experts["gate_up_proj"].shape[0 if layer is None else 1]
     block = block or choose_block(N * k, E)
     plan = make_plan(idx, E, block)
     rows = _expand(x, plan.src, plan.dest, k)
-    y = _blocked_ffn(block, activation, limit, rows, plan, dict(experts), layer)
+    y = _blocked_ffn(block, activation, limit, rows, plan, experts, layer)
     return _combine(y, weights, plan.dest, plan.src).astype(x.dtype)
 
 
 def dispatch_ragged(x, weights, idx, experts, activation="silu", limit=None, layer=None,
                     impl: Optional[str] = None):
     """Sorted rows + grouped GEMMs: jax.lax.ragged_dot, or the kernels of `grouped_matmul(impl)`."""
-    experts = layer_view(experts, layer)
+    experts = layer_view(fused(experts), layer)
     N, d = x.shape
     k = idx.shape[1]
-    E = experts["gate_proj"].shape[0]
+    E = experts["gate_up_proj"].shape[0]
     plan = make_plan(idx, E, 1)
     rows = _expand(x, plan.src, plan.dest, k)
     rd = grouped_dot(plan.counts, impl)
-    hg, hu = rd(rows, experts["gate_proj"]), rd(rows, experts["up_proj"])
-    if "gate_bias" in experts:
-        e_of_row = jnp.take(idx.reshape(-1), plan.src)       # P == N*k: no padding rows here
-        hg, hu = hg + experts["gate_bias"][e_of_row], hu + experts["up_bias"][e_of_row]
-    y = rd(glu(hg, hu, activation, limit), experts["down_proj"])
+    h = rd(rows, experts["gate_up_proj"])
+    if "gate_up_bias" in experts:
+        h = h + experts["gate_up_bias"][jnp.take(idx.reshape(-1), plan.src)]   # P == N*k: no padding rows
+    y = rd(glu_fused(h, activation, limit), experts["down_proj"])
     if "down_bias" in experts:
         y = y + experts["down_bias"][jnp.take(idx.reshape(-1), plan.src)]
     return _combine(y, weights, plan.dest, plan.src).astype(x.dtype)
@@ -401,7 +428,7 @@ def dispatch(x, weights, idx, experts, method: str = "auto", activation: str = "
     experts: {name: [E, ...]}, or the layer stacks {name: [R, E, ...]} read at `layer` (inside the
     scan over layers: each path slices just the experts it uses, never a copy of the whole layer)."""
     if method == "auto":
-        E, d, I = experts["gate_proj"].shape[-3:]
+        E, d, I = expert_dims(experts)
         method = choose_method(x.shape[0], idx.shape[1], E, hidden=d, inter=I)
     if method not in DISPATCH:
         raise ValueError(f"unknown MoE dispatch {method!r}; choose from auto, {', '.join(DISPATCH)}")

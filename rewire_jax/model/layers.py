@@ -299,6 +299,8 @@ def write_cache(cache, new, start):
 
 # -- feed-forward and routing ----------------------------------------------------------------
 
-def swiglu(x, w_gate, w_up, w_down):
-    """Dense SwiGLU: x [..., d]; w_gate/w_up [d, I]; w_down [I, d]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+def swiglu(x, w_gate_up, w_down):
+    """Dense SwiGLU: x [..., d]; w_gate_up [d, 2I] (gate | up: one matmul); w_down [I, d]."""
+    h = x @ w_gate_up
+    inter = w_down.shape[0]
+    return (jax.nn.silu(h[..., :inter]) * h[..., inter:]) @ w_down

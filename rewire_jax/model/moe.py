@@ -32,7 +32,7 @@ from .nn import Execution, arch, declare, stacked, value
 from .routers import router_for, token_confidence
 from .weights import _dense_mlp, _moe
 
-EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj", "gate_bias", "up_bias", "down_bias")
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
 
 
 class RouteOverride(NamedTuple):
@@ -97,7 +97,7 @@ class MoEBlock(nnx.Module):
     def shared_expert(self, x):
         """The always-on shared SwiGLU (Qwen2-MoE: sigmoid-gated; it has no delta)."""
         w = functools.partial(value, self)
-        shared = swiglu(x, w("shared_gate_proj"), w("shared_up_proj"), w("shared_down_proj"))
+        shared = swiglu(x, w("shared_gate_up_proj"), w("shared_down_proj"))
         if self.cfg.shared_expert_gate:
             shared = jax.nn.sigmoid(linear(x, w("shared_gate"))) * shared
         return shared
@@ -125,7 +125,7 @@ class MoEBlock(nnx.Module):
 
 
 class DenseMLP(nnx.Module):
-    """Bias-free SwiGLU of the dense layers. Params: gate_proj, up_proj [d, I], down_proj [I, d]."""
+    """Bias-free SwiGLU of the dense layers. Params: gate_up_proj [d, 2I] (gate | up), down_proj [I, d]."""
 
     def __init__(self, cfg: ModelConfig, *, repeats: Optional[int] = None, weights: Optional[dict] = None,
                  rngs: Optional[nnx.Rngs] = None):
@@ -133,7 +133,7 @@ class DenseMLP(nnx.Module):
         declare(self, stacked(_dense_mlp(cfg), repeats), cfg, weights, rngs)
 
     def __call__(self, x):
-        return swiglu(x, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        return swiglu(x, self.gate_up_proj[...], self.down_proj[...])
 
 
 def moe_block(p, x, delta, cfg: ModelConfig, dispatch_method: Optional[str] = None, expert_layer=None,

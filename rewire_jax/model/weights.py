@@ -44,12 +44,20 @@ class HF:
           'gptoss'   gpt-oss experts: `{key}.gate_up_proj` [E, d, 2I] with gate / up interleaved
                      in the columns, `{key}.down_proj` [E, I, d] and their biases (or MXFP4
                      `_blocks` / `_scales`); part is gate|up|down|gate_bias|up_bias|down_bias
+          'cat'      a fused weight: the tensors of the mappings `parts` (each read as its own kind)
+                     joined along the last axis, `sizes` wide each (q | k | v, gate | up); export
+                     splits it there and writes each part back as that part's kind
     key: the full key for model-level weights; relative to `model.layers.{i}.` for layer weights.
     """
 
     kind: str
-    key: str
+    key: str = ""
     part: str = ""
+    parts: tuple = ()
+    sizes: tuple = ()
+
+    def __post_init__(self):
+        assert (self.kind == "cat") == bool(self.parts) and len(self.parts) == len(self.sizes), self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +73,12 @@ class Weight:
 
     def dtype(self, cfg: ModelConfig):
         return jnp.float32 if self.fp32 else cfg.jnp_dtype
+
+    def parts(self) -> list["Weight"]:
+        """A fused ('cat') weight's parts as weights of their own: the same shape but for the last
+        axis (`hf.sizes[i]` wide), each with its own HF mapping."""
+        return [dataclasses.replace(self, shape=self.shape[:-1] + (n,), hf=h)
+                for h, n in zip(self.hf.parts, self.hf.sizes)]
 
     def stacked(self, repeats: int) -> "Weight":
         return dataclasses.replace(self, shape=(repeats, *self.shape), axes=("layers", *self.axes))
@@ -134,16 +148,22 @@ def _vector(key: str, n: int, axis: str, init: str = "zeros") -> Weight:
     return Weight((n,), (axis,), HF("id", key), init)
 
 
+def _joined(parts: tuple, sizes: tuple) -> HF:
+    return HF("cat", parts=tuple(parts), sizes=tuple(sizes))
+
+
 def _gqa(cfg: ModelConfig) -> dict:
+    """q, k, v as one fused projection `qkv_proj` [d, (H + 2K) * D] (columns q | k | v: one matmul
+    per layer), joined from HF's q_proj / k_proj / v_proj at load and split at export."""
     d, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    w = {"q_proj": _linear("self_attn.q_proj", d, H * D, ("embed", "q_heads")),
-         "k_proj": _linear("self_attn.k_proj", d, K * D, ("embed", "kv_heads")),
-         "v_proj": _linear("self_attn.v_proj", d, K * D, ("embed", "kv_heads")),
+    sizes = (H * D, K * D, K * D)
+    qkv = _joined((HF("t", f"self_attn.{n}_proj.weight") for n in "qkv"), sizes)
+    # the fused columns shard like the query heads (tensor); GSPMD reshards at the q | k | v split
+    w = {"qkv_proj": Weight((d, sum(sizes)), ("embed", "q_heads"), qkv),
          "o_proj": _linear("self_attn.o_proj", H * D, d, ("q_heads", "embed"))}
     if cfg.attention_bias:
-        w.update(q_bias=_vector("self_attn.q_proj.bias", H * D, "q_heads"),
-                 k_bias=_vector("self_attn.k_proj.bias", K * D, "kv_heads"),
-                 v_bias=_vector("self_attn.v_proj.bias", K * D, "kv_heads"))
+        w["qkv_bias"] = Weight((sum(sizes),), ("q_heads",),
+                               _joined((HF("id", f"self_attn.{n}_proj.bias") for n in "qkv"), sizes), "zeros")
     if cfg.o_proj_bias:
         w["o_bias"] = _vector("self_attn.o_proj.bias", d, "embed")
     if cfg.qk_norm == "flat":    # OLMoE: one norm over all heads
@@ -182,9 +202,11 @@ def _mla(cfg: ModelConfig) -> dict:
 
 
 def _swiglu(prefix: str, d: int, width: int, names=("gate_proj", "up_proj", "down_proj"), tag: str = "") -> dict:
+    """A SwiGLU's gate and up projections fused as `gate_up_proj` [d, 2 * width] (gate = the first
+    `width` columns, up the rest), joined from HF's two nn.Linear at load; down_proj [width, d]."""
     g, u, dn = names
-    return {f"{tag}gate_proj": _linear(f"{prefix}.{g}", d, width, ("embed", "mlp")),
-            f"{tag}up_proj": _linear(f"{prefix}.{u}", d, width, ("embed", "mlp")),
+    gate_up = _joined((HF("t", f"{prefix}.{g}.weight"), HF("t", f"{prefix}.{u}.weight")), (width, width))
+    return {f"{tag}gate_up_proj": Weight((d, 2 * width), ("embed", "mlp"), gate_up),
             f"{tag}down_proj": _linear(f"{prefix}.{dn}", width, d, ("mlp", "embed"))}
 
 
@@ -201,19 +223,19 @@ def _moe(cfg: ModelConfig) -> dict:
         w["correction_bias"] = Weight((E,), ("experts",), HF("id", f"{mlp}.gate.e_score_correction_bias"),
                                       "zeros", fp32=True)
     up_axes, down_axes = ("experts", "embed", "mlp"), ("experts", "mlp", "embed")
+    # routed experts: gate | up fused as gate_up_proj [E, d, 2I] (halves, not interleaved)
+    ex = f"{mlp}.experts"
     if gptoss:
-        ex = f"{mlp}.experts"
-        w.update(gate_proj=Weight((E, d, I), up_axes, HF("gptoss", ex, "gate")),
-                 up_proj=Weight((E, d, I), up_axes, HF("gptoss", ex, "up")),
-                 down_proj=Weight((E, I, d), down_axes, HF("gptoss", ex, "down")),
-                 gate_bias=Weight((E, I), ("experts", "mlp"), HF("gptoss", ex, "gate_bias"), "zeros"),
-                 up_bias=Weight((E, I), ("experts", "mlp"), HF("gptoss", ex, "up_bias"), "zeros"),
-                 down_bias=Weight((E, d), ("experts", "embed"), HF("gptoss", ex, "down_bias"), "zeros"))
+        part = lambda p: HF("gptoss", ex, p)
+        w.update(gate_up_proj=Weight((E, d, 2 * I), up_axes, _joined((part("gate"), part("up")), (I, I))),
+                 down_proj=Weight((E, I, d), down_axes, part("down")),
+                 gate_up_bias=Weight((E, 2 * I), ("experts", "mlp"),
+                                     _joined((part("gate_bias"), part("up_bias")), (I, I)), "zeros"),
+                 down_bias=Weight((E, d), ("experts", "embed"), part("down_bias"), "zeros"))
     else:
         names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
-        ex = f"{mlp}.experts"
-        w.update(gate_proj=Weight((E, d, I), up_axes, HF("experts", ex, names[0])),
-                 up_proj=Weight((E, d, I), up_axes, HF("experts", ex, names[1])),
+        w.update(gate_up_proj=Weight((E, d, 2 * I), up_axes,
+                                     _joined((HF("experts", ex, names[0]), HF("experts", ex, names[1])), (I, I))),
                  down_proj=Weight((E, I, d), down_axes, HF("experts", ex, names[2])))
     if cfg.shared_expert_size:
         shared = "mlp.shared_experts" if cfg.model_type.startswith("deepseek") else "mlp.shared_expert"
