@@ -51,8 +51,9 @@ def test_grouped_matmul_is_per_group_matmul_with_input_gradient_only(impl):
 
 
 def test_kernel_path_calls_tokamax_forward_and_backward(monkeypatch):
-    """dispatch 'kernel' runs its three expert matmuls through tokamax in the forward and three
-    (input gradients only) in the backward: the path is really the kernel library's."""
+    """dispatch 'kernel' runs its two expert matmuls (the fused gate|up, then down; separate gate /
+    up weights are joined on entry) through tokamax in the forward and two (input gradients only)
+    in the backward: the path is really the kernel library's."""
     calls = []
     real = tokamax.ragged_dot_general
 
@@ -67,7 +68,7 @@ def test_kernel_path_calls_tokamax_forward_and_backward(monkeypatch):
     x = jnp.asarray(rng.normal(size=(5, d)), jnp.float32)
     w, idx = jax.lax.top_k(jax.nn.softmax(jnp.asarray(rng.normal(size=(5, E)), jnp.float32)), 2)
     jax.make_jaxpr(jax.grad(lambda x: jnp.sum(D.dispatch(x, w, idx, ex, "kernel"))))(x)
-    assert calls == [(1,)] * 3 + [(2,)] * 3, calls          # forward x.w, backward dy.w^T
+    assert calls == [(1,)] * 2 + [(2,)] * 2, calls          # forward x.w, backward dy.w^T
 
 
 def test_auto_picks_the_kernel_on_accelerators_with_tokamax():
