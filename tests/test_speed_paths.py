@@ -239,6 +239,7 @@ def test_one_decode_program_per_window_bucket_in_a_call(params):
     from rewire_jax.generation import DecodeChunks
     before = decode._cache_size()
     rewire_jax.generate(model, [prompt], 40, segment=8, eos_token_id=None, chunks=DecodeChunks(3))
+    windows = {decode_window(n + 8, 64, masked=True) for n in range(10, 50, 8)}
     assert decode._cache_size() - before == len(windows)
 
 

@@ -103,8 +103,9 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
     sequences that were live on entry are done; with masked=True `run_decode` checks that between
     chunks (the rows still live decode on to the chunk's end).
     window: attend over the first `window` cache rows only (static; the caller guarantees that
-    every position written in this call is < window): attention and KV traffic scale with the
-    context reached, not the cache size. None: the whole cache.
+    every position written in this call is < window, with masked=True also each row's position
+    after its last step: `decode_window`): attention and KV traffic scale with the context
+    reached, not the cache size. None: the whole cache.
     route: None or a routing override (model.moe.RouteOverride, [B, ...] arrays); it acts on every
     token fed whose position is >= its start (a generated token's position: its row in buf).
     -> (state, cache). The cache always holds K/V for every token in buf except the last sampled one.
@@ -176,7 +177,7 @@ def run_decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg:
     with masked chunks stop_on_any returns at the first chunk boundary where `min_done` rows of
     those live on entry are done (the others decoded on meanwhile; greedy tokens do not change).
     Arguments as `decode`; min_done a host int. -> (state, cache)."""
-    chunks = chunks or default_chunks()
+    chunks = chunks or default_chunks()   # the caller's window must be decode_window(..., chunks.masked)
     trip = chunks.trip(max_steps)
     done0 = np.asarray(state.done)
     left = max_steps
@@ -192,11 +193,14 @@ def run_decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg:
             return state, cache
 
 
-def decode_window(reach: int, cache_len: int) -> Optional[int]:
+def decode_window(reach: int, cache_len: int, masked: bool = False) -> Optional[int]:
     """The `window` for a decode call whose rows reach position `reach`: its length bucket, or None
     (the whole cache) when that bucket covers the cache: one compiled program, not one per bucket
-    past the cache length (a window >= the cache rows is the whole cache either way)."""
-    w = bucket_length(reach, cap=cache_len)
+    past the cache length (a window >= the cache rows is the whole cache either way).
+    masked (masked chunks, `DecodeChunks`): room for one more row, `reach` itself: a skipped step
+    writes a dummy K/V row at each row's next position, which must not be clamped onto the last
+    real one (inside the window; at the cache's end only finished sequences lie)."""
+    w = bucket_length(reach + masked, cap=cache_len)
     return None if w >= cache_len else w
 
 

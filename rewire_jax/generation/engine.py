@@ -29,7 +29,7 @@ import numpy as np
 from ..model.transformer import prepare_params
 from ..rewire import CycleState, RewireOptions, bucket_length, run_phase
 from ..rewire.selection import init_opt_state
-from .decode import DecodeChunks, DecodeState, decode_window, prefill, run_decode
+from .decode import DecodeChunks, DecodeState, decode_window, default_chunks, prefill, run_decode
 from .grouping import _padded_rows, _pow2, _put, _take, phase_token_cap, plan_groups
 from .sampling import Sampling
 
@@ -91,7 +91,7 @@ class QueueEngine:
             int(step_cap), dispatch
         B = self.B
         self.group = max(1, B // 4) if refill_group is None else int(refill_group)
-        self.chunks = chunks   # decode device calls (None: per backend); ended rows are refilled between them
+        self.chunks = chunks or default_chunks()   # decode device calls; ended rows are refilled between them
         if self.group < 1:
             raise ValueError(f"refill_group must be >= 1, got {refill_group}")
         eos = cfg.eos_token_ids if eos_token_id == "config" else (
@@ -322,7 +322,8 @@ class QueueEngine:
         """One decode call over the rows in `mask` (the other rows are marked done and wait)."""
         steps_left = int((stop_at - self.num_new)[mask].max())
         # the window covers every live row: a waiting row's dummy write lands at its own next position
-        window = decode_window(int(self.lengths[live].max()) + min(self.step_cap, steps_left), self.S)
+        window = decode_window(int(self.lengths[live].max()) + min(self.step_cap, steps_left), self.S,
+                               self.chunks.masked)
         state = DecodeState(jnp.asarray(self.buf), jnp.asarray(self.lengths), self.logits, jnp.asarray(~mask),
                             jnp.asarray(self.num_new), self.key)
         t0 = time.perf_counter()

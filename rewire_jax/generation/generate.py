@@ -21,7 +21,7 @@ import numpy as np
 from ..api import Model, check_token_ids
 from ..rewire import RewireOptions, bucket_length, start_cycle
 from ..model.transformer import batched_route, prepare_params
-from .decode import DecodeChunks, DecodeState, decode_window, prefill, run_decode
+from .decode import DecodeChunks, DecodeState, decode_window, default_chunks, prefill, run_decode
 from .grouping import phase_grouped
 from .sampling import Sampling
 
@@ -149,6 +149,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
         segment = opts.interval   # one phase per segment
     elif segment is None:   # decode in chunks (streaming; and each chunk attends over a window bucket of the cache)
         segment = min(max_new_tokens, 32 if on_segment is not None else DECODE_CHUNK)
+    chunks = chunks or default_chunks()
     cache = None
     steps_done = 0   # decode steps so far (every live row has made each of them: lock-step)
 
@@ -183,7 +184,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                 if on_phase:
                     on_phase(record)
         t0 = time.perf_counter()
-        window = decode_window(int(np.asarray(state.lengths).max()) + segment, cache_len)
+        window = decode_window(int(np.asarray(state.lengths).max()) + segment, cache_len, chunks.masked)
         state, cache = run_decode(params, state, cache, cycle.deltas, eos_arr, jnp.int32(max_new_tokens), cfg,
                                   sampling, segment, window, dispatch, route=route, chunks=chunks)
         jax.block_until_ready(state.num_new)
