@@ -179,16 +179,16 @@ def run_decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg:
     Arguments as `decode`; min_done a host int. -> (state, cache)."""
     chunks = chunks or default_chunks()   # the caller's window must be decode_window(..., chunks.masked)
     trip = chunks.trip(max_steps)
-    done0 = np.asarray(state.done)
+    done = done0 = np.array(state.done)   # a host copy: state is donated below
     left = max_steps
-    while True:
-        need = max(1, min_done - int((np.asarray(state.done) & ~done0).sum())) if stop_on_any else 1
+    while True:   # in-chunk: rows live on the chunk's entry; the ones done in earlier chunks count
+        need = max(1, min_done - int((done & ~done0).sum())) if stop_on_any else 1
         state, cache = decode(params, state, cache, deltas, eos_ids, max_new, cfg, sampling, trip, window, dispatch,
                               stop_on_any, route, jnp.int32(need), jnp.int32(min(trip, left)), chunks.masked)
         left -= trip
         if left <= 0:
             return state, cache
-        done = np.asarray(state.done)   # the host's one look per chunk
+        done = np.array(state.done)   # the host's one look per chunk
         if done.all() or (stop_on_any and (done & ~done0).sum() >= min_done):
             return state, cache
 
