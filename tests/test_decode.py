@@ -73,12 +73,13 @@ def test_sample_top_k_top_p_masks():
     assert draw(Sampling(1.0)) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_decode_loop_writes_the_kv_cache_in_place(batch):
+@pytest.mark.parametrize("batch,masked", [(1, False), (3, False), (3, True)])
+def test_decode_loop_writes_the_kv_cache_in_place(batch, masked):
     """The compiled decode loop copies no layer's KV buffer: each token's row is written in place.
     (With [1, S, K, D] buffers XLA copied every layer's K and V four times per decoded token at
     batch 1, a third of the step; the per-layer buffers are [B * S, K * D] for that reason.) Also
-    checks that the 2-D buffers give the same tokens as a teacher-forced rollout."""
+    checks that the 2-D buffers give the same tokens as a teacher-forced rollout. masked: the
+    static-trip chunk loop (GPU/TPU) the same.)"""
     import re
 
     import jax
@@ -99,12 +100,40 @@ def test_decode_loop_writes_the_kv_cache_in_place(batch):
     state = DecodeState(buf, jnp.full(batch, T, jnp.int32), logits, jnp.zeros(batch, bool),
                         jnp.zeros(batch, jnp.int32), jax.random.key(0))
     args = (params, state, cache, deltas, jnp.zeros(0, jnp.int32), jnp.int32(8), cfg, Sampling(), 8)
-    hlo = decode.lower(*args).compile().as_text()
+    hlo = decode.lower(*args, masked=masked).compile().as_text()
     K, D = cfg.num_kv_heads, cfg.head_dim
     layer_shapes = {f"[{batch * S},{K * D}]", f"[{batch},{S},{K},{D}]", f"[{batch},{S},{K * D}]"}
     copied = [m.group(1) for m in re.finditer(r"= f32(\[[0-9,]+\])\{[0-9,]*\} copy\(", hlo)]
     assert not [c for c in copied if c in layer_shapes], copied
-    state, _ = decode(*args)
+    state, _ = decode(*args, masked=masked)
     new = np.asarray(state.buf)[:, T:T + 8]
     assert new[0].tolist() == hf_models.teacher_forced_rollout(model, tokens[0].tolist(), 8)[0]
     assert (new == new[0]).all()
+
+
+def test_decode_chunks_trip_counts_and_backend_defaults():
+    from rewire_jax.generation import DecodeChunks, default_chunks
+    assert default_chunks("gpu") == default_chunks("tpu") == DecodeChunks(32, masked=True)
+    assert default_chunks("cpu") == DecodeChunks(128, masked=False)
+    # steps per device call: at most `steps`, spread over the fewest chunks (static: one program)
+    assert [DecodeChunks(32).trip(n) for n in (1, 8, 32, 33, 100, 128)] == [1, 8, 32, 17, 25, 32]
+    with pytest.raises(ValueError, match="DecodeChunks.steps must be >= 1"):
+        DecodeChunks(0)
+
+
+def test_decode_chunks_give_the_same_tokens(loaded):
+    """A decode cut into device calls (masked static-trip chunks as on GPU/TPU, or while_loop
+    chunks) gives the tokens and key stream of one while_loop call (the loop before chunks): EOS in
+    the middle of a chunk, a budget that is no multiple of the chunk, greedy and sampled."""
+    from rewire_jax.generation import DecodeChunks
+    _, model = loaded("olmoe")
+    prompts = [hf_models.prompt(8), hf_models.prompt(6, seed=9), hf_models.prompt(3, seed=4)]
+    free = rewire_jax.generate(model, prompts[:1], 13, eos_token_id=None).tokens[0]
+    eos = free[4]
+    for s in (Sampling(), Sampling(1.0, top_k=5)):
+        gen = lambda ch: rewire_jax.generate(model, prompts, 13, sampling=s, seed=2, eos_token_id=eos, chunks=ch).tokens
+        one = gen(DecodeChunks(13, masked=False))      # one device call of 13 steps
+        if s == Sampling():
+            assert one[0] == free[:free.index(eos) + 1]
+        for ch in (DecodeChunks(4), DecodeChunks(5, masked=False), DecodeChunks(32)):
+            assert gen(ch) == one, (s, ch)

@@ -11,6 +11,7 @@ import hf_models
 import rewire_jax
 from rewire_jax import RewireOptions
 from rewire_jax.bench.perf import count_compiles
+from rewire_jax.generation import DecodeChunks
 
 PROMPT_LENS = [7, 13, 4, 10, 5, 16, 9, 3]
 BUDGETS = [12, 6, 10, 12, 3, 9, 12, 7]
@@ -50,6 +51,18 @@ def test_queue_rows_equal_alone(setup):
         _same(a, q.tokens[i], q.deltas[i], q.phases[i])
 
 
+def test_queue_refilled_at_masked_chunk_boundaries_equals_alone(setup):
+    """Masked decode chunks (the GPU/TPU loop): ended rows wait for the chunk's end and are
+    refilled there; every sequence still gets what it gets alone (tokens, deltas, phases)."""
+    from rewire_jax.generation import DecodeChunks
+    model, prompts, eos, alone = setup
+    q = rewire_jax.generate_queue(model, prompts, BUDGETS, batch_size=3, rewire=OPTS, eos_token_id=eos,
+                                  chunks=DecodeChunks(3))
+    assert q.stats["refills"] == len(prompts)
+    for i, a in enumerate(alone):
+        _same(a, q.tokens[i], q.deltas[i], q.phases[i])
+
+
 def test_lockstep_batch_equals_alone(setup):
     """The same 8 prompts as one lock-step `generate` batch (one budget; EOS ends some early)."""
     model, prompts, eos, alone = setup
@@ -77,7 +90,8 @@ def test_queue_baseline_and_batch_of_one(setup):
     assert 0 <= q.stats["idle_fraction"] < 1
 
 
-def test_queue_stop_strings_end_a_row(loaded):
+@pytest.mark.parametrize("chunks", [None, 2])
+def test_queue_stop_strings_end_a_row(loaded, chunks):
     """A row ends at the token completing its stop string (text cut before it), and its row is
     refilled; the other rows are unaffected."""
     _, model = loaded("olmoe")
@@ -88,7 +102,7 @@ def test_queue_stop_strings_end_a_row(loaded):
     stop_tok = free[1][3]
     stop = tok.decode([stop_tok])
     q = rewire_jax.generate_queue(model, prompts, 10, batch_size=2, eos_token_id=None,
-                                  stops=[[], [stop], []])
+                                  stops=[[], [stop], []], chunks=chunks and DecodeChunks(chunks))
     cut = free[1].index(stop_tok) + 1
     assert q.tokens[1] == free[1][:cut] and q.stopped[1]
     assert q.texts[1] == tok.decode(free[1][:cut - 1])

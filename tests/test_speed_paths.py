@@ -235,6 +235,12 @@ def test_one_decode_program_per_window_bucket_in_a_call(params):
     windows = {decode_window(n + 8, 64) for n in range(10, 50, 8)}
     assert windows == {32, 48, None}
     assert decode._cache_size() - before == len(windows)
+    # masked chunks (GPU/TPU): 3 device calls of 3 steps per 8-step segment, still one program per window
+    from rewire_jax.generation import DecodeChunks
+    before = decode._cache_size()
+    rewire_jax.generate(model, [prompt], 40, segment=8, eos_token_id=None, chunks=DecodeChunks(3))
+    windows = {decode_window(n + 8, 64, masked=True) for n in range(10, 50, 8)}
+    assert decode._cache_size() - before == len(windows)
 
 
 def test_decode_chunks_and_windows_change_nothing(params, monkeypatch):
@@ -249,4 +255,10 @@ def test_decode_chunks_and_windows_change_nothing(params, monkeypatch):
     out = [rewire_jax.generate(model, [prompt], 20, rewire=o, eos_token_id=None) for o in (None, opts)]
     assert [r.tokens for r in out] == [r.tokens for r in ref]
     assert len(out[1].phases) == len(ref[1].phases) == 3       # phases every `interval`, not every chunk
+    np.testing.assert_allclose(out[1].deltas, ref[1].deltas, atol=1e-6)
+    # and device calls of masked chunks (GPU/TPU) inside each segment
+    from rewire_jax.generation import DecodeChunks
+    out = [rewire_jax.generate(model, [prompt], 20, rewire=o, eos_token_id=None, chunks=DecodeChunks(2))
+           for o in (None, opts)]
+    assert [r.tokens for r in out] == [r.tokens for r in ref] and len(out[1].phases) == 3
     np.testing.assert_allclose(out[1].deltas, ref[1].deltas, atol=1e-6)

@@ -29,7 +29,7 @@ import numpy as np
 from ..model.transformer import prepare_params
 from ..rewire import CycleState, RewireOptions, bucket_length, run_phase
 from ..rewire.selection import init_opt_state
-from .decode import DecodeState, decode, decode_window, prefill
+from .decode import DecodeChunks, DecodeState, decode_window, default_chunks, prefill, run_decode
 from .grouping import _padded_rows, _pow2, _put, _take, phase_token_cap, plan_groups
 from .sampling import Sampling
 
@@ -84,12 +84,14 @@ class QueueEngine:
 
     def __init__(self, model, batch_size: int, cache_len: int, *, step_cap: int, eos_token_id: Any = "config",
                  seed: int = 0, dispatch: Optional[str] = None, refill_group: Optional[int] = None,
-                 d0=None, o: Optional[RewireOptions] = None, route_type=None, max_waiting: Optional[int] = None):
+                 d0=None, o: Optional[RewireOptions] = None, route_type=None, max_waiting: Optional[int] = None,
+                 chunks: Optional[DecodeChunks] = None):
         cfg = self.cfg = model.config
         self.model, self.B, self.S, self.step_cap, self.dispatch = model, int(batch_size), int(cache_len), \
             int(step_cap), dispatch
         B = self.B
         self.group = max(1, B // 4) if refill_group is None else int(refill_group)
+        self.chunks = chunks or default_chunks()   # decode device calls; ended rows are refilled between them
         if self.group < 1:
             raise ValueError(f"refill_group must be >= 1, got {refill_group}")
         eos = cfg.eos_token_ids if eos_token_id == "config" else (
@@ -320,14 +322,15 @@ class QueueEngine:
         """One decode call over the rows in `mask` (the other rows are marked done and wait)."""
         steps_left = int((stop_at - self.num_new)[mask].max())
         # the window covers every live row: a waiting row's dummy write lands at its own next position
-        window = decode_window(int(self.lengths[live].max()) + min(self.step_cap, steps_left), self.S)
+        window = decode_window(int(self.lengths[live].max()) + min(self.step_cap, steps_left), self.S,
+                               self.chunks.masked)
         state = DecodeState(jnp.asarray(self.buf), jnp.asarray(self.lengths), self.logits, jnp.asarray(~mask),
                             jnp.asarray(self.num_new), self.key)
         t0 = time.perf_counter()
         min_done = min(self.group, int(mask.sum()))
-        state, self.cache = decode(self.params, state, self.cache, self.d_all, self.eos_arr, jnp.asarray(stop_at),
-                                   self.cfg, sampling, self.step_cap, window, self.dispatch, stop_on_any=True,
-                                   route=self.route_all, min_done=jnp.asarray(min_done, jnp.int32))
+        state, self.cache = run_decode(self.params, state, self.cache, self.d_all, self.eos_arr, jnp.asarray(stop_at),
+                                       self.cfg, sampling, self.step_cap, window, self.dispatch, stop_on_any=True,
+                                       route=self.route_all, min_done=min_done, chunks=self.chunks)
         new_num = np.asarray(state.num_new)
         self.timing["decode"] += time.perf_counter() - t0
         steps = int((new_num - self.num_new)[mask].max(initial=0))

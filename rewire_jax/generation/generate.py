@@ -21,7 +21,7 @@ import numpy as np
 from ..api import Model, check_token_ids
 from ..rewire import RewireOptions, bucket_length, start_cycle
 from ..model.transformer import batched_route, prepare_params
-from .decode import DecodeState, decode, decode_window, prefill
+from .decode import DecodeChunks, DecodeState, decode_window, default_chunks, prefill, run_decode
 from .grouping import phase_grouped
 from .sampling import Sampling
 
@@ -80,7 +80,8 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
              sampling: Sampling = Sampling(), seed: int = 0, deltas=None, eos_token_id: Any = "config",
              cache_len: Optional[int] = None, on_segment: Optional[Callable[[int, list[list[int]]], None]] = None,
              on_phase: Optional[Callable[[PhaseRecord], None]] = None, dispatch: Optional[str] = None,
-             route=None, opt_state=None, segment: Optional[int] = None) -> GenerationResult:
+             route=None, opt_state=None, segment: Optional[int] = None,
+             chunks: Optional[DecodeChunks] = None) -> GenerationResult:
     """Generate with (or, rewire=None / selection='none', without) test-time rerouting.
 
     prompts: a string, a list of token ids, or a list of either (a batch; lengths may differ).
@@ -97,6 +98,8 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
     segment: tokens per decode call (default: `interval` with continuous rewiring, else 32 when
     streaming, else 128). With continuous rewiring it must divide `interval`: phases still come
     every `interval` tokens, only the streaming granularity changes.
+    chunks: how a segment is cut into device calls (`DecodeChunks`; default `default_chunks()`,
+    per backend); the tokens do not depend on it.
     dispatch: expert dispatch path for this call (default: model.config.dispatch).
     route: None, or a routing override (`rewire_jax.model.moe.RouteOverride`, one for all rows or
     [B, ...] arrays) used in every prefill and decode step (C3PO; not combined with rewiring).
@@ -146,6 +149,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
         segment = opts.interval   # one phase per segment
     elif segment is None:   # decode in chunks (streaming; and each chunk attends over a window bucket of the cache)
         segment = min(max_new_tokens, 32 if on_segment is not None else DECODE_CHUNK)
+    chunks = chunks or default_chunks()
     cache = None
     steps_done = 0   # decode steps so far (every live row has made each of them: lock-step)
 
@@ -180,9 +184,9 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, rewire: Option
                 if on_phase:
                     on_phase(record)
         t0 = time.perf_counter()
-        window = decode_window(int(np.asarray(state.lengths).max()) + segment, cache_len)
-        state, cache = decode(params, state, cache, cycle.deltas, eos_arr, jnp.int32(max_new_tokens), cfg,
-                              sampling, segment, window, dispatch, route=route)
+        window = decode_window(int(np.asarray(state.lengths).max()) + segment, cache_len, chunks.masked)
+        state, cache = run_decode(params, state, cache, cycle.deltas, eos_arr, jnp.int32(max_new_tokens), cfg,
+                                  sampling, segment, window, dispatch, route=route, chunks=chunks)
         jax.block_until_ready(state.num_new)
         timing["decode"] += time.perf_counter() - t0
         steps_done += segment

@@ -17,10 +17,11 @@ How a step of the queue runs (shapes static: no recompilation per refill):
      sub-batch padded to a power of two rows (padding rows inactive), so a short context never
      pays for a long one; then the group is prefilled with its new deltas and its cache rows,
      logits, deltas and Adam state are written back into the batch (`.at[rows].set`, in place);
-  2. one `decode` call over the whole batch, each row with its own budget (up to its next phase
-     boundary, its own max_new_tokens, or the next stop-string check), returning as soon as
-     `refill_group` rows (default a quarter of the batch) have finished or reached a phase
-     (`decode(..., stop_on_any=True, min_done=...)`);
+  2. one decode call over the whole batch (`run_decode`: device calls of a few tokens, chunks),
+     each row with its own budget (up to its next phase boundary, its own max_new_tokens, or the
+     next stop-string check), returning at the first chunk boundary where `refill_group` rows
+     (default a quarter of the batch) have finished or reached a phase (`stop_on_any=True,
+     min_done=...`; on CPU the chunk itself stops there, see `DecodeChunks`);
   3. finished rows are collected and refilled.
 Compiled programs: per context bucket one phase and one prefill per power-of-two sub-batch size,
 one decode per attention window bucket, and a few tiny gathers / scatters.
@@ -74,7 +75,7 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
                    rewire: Optional[RewireOptions] = None, sampling: Sampling = Sampling(), seed: int = 0,
                    deltas=None, eos_token_id: Any = "config", stops=None, cache_len: Optional[int] = None,
                    dispatch: Optional[str] = None, on_finish=None, route=None,
-                   refill_group: Optional[int] = None, opt_state=None) -> QueueResult:
+                   refill_group: Optional[int] = None, opt_state=None, chunks=None) -> QueueResult:
     """Generate for any number of prompts through a batch of `batch_size` rows kept full.
 
     prompts: strings or token-id lists. max_new_tokens: an int or one per prompt. stops: None, a
@@ -93,6 +94,8 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
     batch_size // 4, at least 1; capped by the rows still live): ended rows wait a little, and the
     queue makes that many times fewer host round trips and refill prefills. 1 = refill at once.
     A row's own tokens and deltas do not depend on it (greedy).
+    chunks: how decode is cut into device calls (`DecodeChunks`, default per backend); ended rows
+    are refilled at chunk boundaries. Greedy tokens do not depend on it.
     """
     cfg = model.config
     t_start = time.perf_counter()
@@ -132,7 +135,8 @@ def generate_queue(model: Model, prompts, max_new_tokens=128, *, batch_size: int
         opt_init = jax.tree.map(np.asarray, checked_opt_state(opt_state, init_opt_state(o, jnp.zeros((n, *cfg.delta_shape)))))
 
     eng = QueueEngine(model, B, S, step_cap=step_cap, eos_token_id=eos_token_id, seed=seed, dispatch=dispatch,
-                      refill_group=group, d0=d0, o=o, route_type=None if route_np is None else type(route_np))
+                      refill_group=group, d0=d0, o=o, route_type=None if route_np is None else type(route_np),
+                      chunks=chunks)
     out_opt_split = None if opt_state is None else [jax.tree.map(lambda a: a[i:i + 1], opt_init) for i in range(n)]
     reqs = [Request(ids[i], budgets[i], stops[i], opts, sampling,
                     deltas=None if d_init is None else d_init[i],
