@@ -315,10 +315,10 @@ def test_client_disconnect_frees_its_row(server):
     assert r.usage.completion_tokens >= 1
 
 
-def test_non_loopback_bind_without_api_key_refuses(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rewire_jax.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == 2 and "--api-key" in r.stderr
+def test_non_loopback_bind_without_api_key_refuses(capsys):
+    """(in process: the CLI refuses before loading anything)"""
+    from rewire_jax import cli
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2 and "--api-key" in capsys.readouterr().err
 
 
 def test_sigkill_after_two_turns_restart_continues(server, conversation, tmp_path):

@@ -87,7 +87,7 @@ class QueueEngine:
     def __init__(self, model, batch_size: int, cache_len: int, *, step_cap: int, eos_token_id: Any = "config",
                  seed: int = 0, dispatch: Optional[str] = None, refill_group: Optional[int] = None,
                  d0=None, o: Optional[RewireOptions] = None, route_type=None, max_waiting: Optional[int] = None,
-                 row_keys: bool = False, sub_batch: Optional[int] = None):
+                 row_keys: bool = False, sub_batch: Optional[int] = None, join_steps: Optional[int] = None):
         cfg = self.cfg = model.config
         self.model, self.B, self.S, self.step_cap, self.dispatch = model, int(batch_size), int(cache_len), \
             int(step_cap), dispatch
@@ -99,6 +99,9 @@ class QueueEngine:
         # rows in several calls): one program per context bucket, not one per sub-batch size. For a
         # server, whose arrivals give every size in turn (each a compilation); None: `_pow2` sizes.
         self.sub_batch = None if sub_batch is None else max(1, min(int(sub_batch), B))
+        # join_steps: while some rows are free, a decode call makes at most this many steps, so that
+        # a request arriving meanwhile (a server's next request) waits less for a row
+        self.join_steps = join_steps
         eos = cfg.eos_token_ids if eos_token_id == "config" else (
             () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist()))
         self.eos_set = set(int(e) for e in eos)
@@ -323,6 +326,8 @@ class QueueEngine:
             if q.stops:
                 b = min(b, int(self.num_new[r]) + STOP_CHECK)
             stop_at[r] = b
+        if self.join_steps and not live.all():   # free rows: a request arriving now joins after join_steps
+            stop_at[live] = np.minimum(stop_at[live], self.num_new[live] + self.join_steps)
         by_sampling: dict = {}
         for r in np.flatnonzero(live):
             by_sampling.setdefault(self.rows[r].sampling, []).append(r)

@@ -47,7 +47,8 @@ class ServeEngine:
             # reuse the same compiled phase / prefill programs; each request samples from its own key
             self.engine = QueueEngine(self.model, a["batch_size"], a["cache_len"], step_cap=a["step_cap"],
                                       seed=a["seed"], max_waiting=a["max_waiting"], row_keys=True,
-                                      sub_batch=max(1, a["batch_size"] // 4))
+                                      sub_batch=max(1, a["batch_size"] // 4),
+                                      join_steps=max(1, a["step_cap"] // 4))
         except BaseException as e:   # handed to start()
             self._error = e
             self._ready.set()
