@@ -53,10 +53,10 @@ class Request:
     deltas: Optional[np.ndarray] = None        # [L_moe, E] start deltas (default zeros)
     opt_state: Any = None                      # [1, ...] leaves: the Adam state to continue (default fresh)
     route: Any = None                          # one row of a RouteOverride (host arrays) or None
-    seed: Optional[int] = None                 # with per-row keys: its sampling key (default: the engine's next)
     on_tokens: Optional[Callable[["Request", list], None]] = None   # new tokens so far, after each decode call
     on_done: Optional[Callable[["Request"], None]] = None
     tag: Any = None
+    seed: Optional[int] = None                 # with per-row keys: its sampling key (default: the engine's next)
     # filled in by the engine
     tokens: Optional[list] = None              # new tokens (cut after a stop string)
     deltas_out: Optional[np.ndarray] = None    # [L_moe, E]

@@ -67,8 +67,14 @@ class ServeEngine:
             except RuntimeError:   # the loop is closed (shutdown): nobody is listening
                 pass
 
-        if stream:
-            req.on_tokens = lambda q, toks: put(("tokens", toks))
+        if stream:   # the first tokens at once, then every step_cap tokens (short decode calls while
+            sent = [0]  # rows are free would otherwise make 4x the SSE chunks)
+
+            def tokens(q: Request, toks: list) -> None:
+                if sent[0] == 0 or len(toks) - sent[0] >= self._args["step_cap"]:
+                    sent[0] = len(toks)
+                    put(("tokens", toks))
+            req.on_tokens = tokens
 
         def done(q: Request) -> None:
             self.cancelled += q.cancelled
