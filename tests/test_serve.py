@@ -261,6 +261,7 @@ BAD = [  # (endpoint, body, status, param or code)
     ("completions", {"model": NAME, "prompt": "x", "rewire": {"learning_rate": 1}}, 400, "unknown_field"),
     ("completions", {"model": NAME, "prompt": "x", "rewire": {"steps": 0}}, 400, "rewire"),
     ("completions", {"model": NAME, "prompt": "x", "n": 2}, 400, "n"),
+    ("completions", {"model": NAME, "prompt": "x", "seed": 2 ** 64}, 400, "seed"),
     ("chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
 ]
 

@@ -67,7 +67,7 @@ class Request:
     error: Optional[BaseException] = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     _cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
-    _key: Any = None                           # its PRNG key (row_keys engines), set by submit
+    _serial: int = 0                           # its arrival number (set by submit)
 
     def cancel(self) -> None:
         """Free its row at the next decode boundary (or drop it from the waiting list)."""
@@ -143,10 +143,7 @@ class QueueEngine:
         with self._cond:
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already (the limit)")
-            if self.row_keys:
-                req._key = jax.random.key(req.seed) if req.seed is not None else \
-                    jax.random.fold_in(self.key, self._serial)
-                self._serial += 1
+            req._serial, self._serial = self._serial, self._serial + 1   # its key, without a seed
             self._waiting.append(req)
             self._cond.notify_all()
         return req
@@ -246,7 +243,8 @@ class QueueEngine:
                              *[fresh if q.opt_state is None else q.opt_state for q in reqs])
         self.opt_all = _put(self.opt_all, s, idx)
         if self.row_keys:
-            self.keys = _put(self.keys, jnp.stack([q._key for q in reqs]), idx)
+            self.keys = _put(self.keys, jnp.stack([jax.random.key(q.seed) if q.seed is not None else
+                                                   jax.random.fold_in(self.key, q._serial) for q in reqs]), idx)
         if self.route_all is not None:
             self.route_all = _put(self.route_all, self.route_type(
                 *(jnp.asarray(np.stack([np.asarray(q.route[k]) for q in reqs])) for k in range(3))), idx)
