@@ -4,6 +4,7 @@ every test; the last test kills it and restarts one on the same --state-dir), dr
 pieces join to the whole text, concurrent requests each get their own result, bad input gets its
 4xx and the server keeps serving."""
 import concurrent.futures as cf
+import http.client
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ ROOT = Path(__file__).parent.parent
 PROMPTS = ["def add(a, b):", "import os\n", "class Stack:", "for i in range(", "# parse the header\n",
            "def main():\n    ", "x = [", "while True:", "try:\n    import", "return self.", "if __name__ ==",
            "with open(path) as f:", "def __init__(self", "raise ValueError(", "lambda x:", "print("]
+SAMPLED, SEEDS = rewire_jax.Sampling(1.0, 0, 0.9), (7, 8)   # the sampled requests: temperature 1, top_p 0.9
 TURNS = ["def f", "more", "again"]   # short: three turns' contexts fit in the buckets 16, 32, 48
 
 
@@ -124,7 +126,9 @@ def offline(model):
     ids = [model.encode(p) for p in PROMPTS]
     text = lambda r: model.tokenizer.decode(r.tokens[0], skip_special_tokens=True)
     return {"rewired": [text(rewire_jax.generate(model, [p], NEW, rewire=OPTS, cache_len=128)) for p in ids],
-            "baseline": [text(rewire_jax.generate(model, [p], n, cache_len=128)) for p, n in zip(ids[:2], (NEW, 24))]}
+            "baseline": [text(rewire_jax.generate(model, [p], n, cache_len=128)) for p, n in zip(ids[:2], (NEW, 24))],
+            "sampled": [text(rewire_jax.generate(model, [p], NEW, rewire=OPTS, cache_len=128, sampling=SAMPLED, seed=s))
+                        for p, s in zip(ids[:2], SEEDS)]}
 
 
 @pytest.fixture(scope="module")
@@ -182,16 +186,24 @@ def test_chat_equals_conversation_streamed_and_not(server, conversation):
     assert "".join(pieces) == conversation[0]
 
 
+def _sampled(c, i: int):
+    return c.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=NEW, temperature=SAMPLED.temperature,
+                                top_p=SAMPLED.top_p, seed=SEEDS[i])
+
+
 def test_16_concurrent_greedy_requests(server, offline):
-    """16 greedy requests at once through 2 rows, with 2 sampled ones among them (rows of another
-    sampling setting share the batch, not a decode call): each greedy one answered once and equal to
-    its offline result."""
+    """16 greedy requests at once through 2 rows, with 2 sampled ones (with `seed`) among them (rows
+    of another sampling setting share the batch, not a decode call): each greedy one answered once
+    and equal to its offline result; each sampled one equal to `generate` with its seed alone, and to
+    the same request sent alone (each row samples from its own key)."""
     c = server["server"].client()
+    alone = _sampled(c, 0)
+    assert alone.choices[0].text == offline["sampled"][0]
 
     def one(i):
         if i >= 16:   # sampled
-            r = c.completions.create(model=NAME, prompt=PROMPTS[i - 16], max_tokens=NEW, temperature=1.0, top_p=0.9)
-            return i, r.id, r.usage.completion_tokens
+            r = _sampled(c, i - 16)
+            return i, r.id, (r.usage.completion_tokens, r.choices[0].text)
         r = c.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=NEW, temperature=0)
         return i, r.id, r.choices[0].text
 
@@ -203,7 +215,8 @@ def test_16_concurrent_greedy_requests(server, offline):
         if i < 16:
             assert text == offline["rewired"][i], f"request {i}"
         else:
-            assert 1 <= text <= NEW
+            n, text = text
+            assert 1 <= n <= NEW and text == offline["sampled"][i - 16], f"sampled request {i}"
 
 
 def _turns(s: "Server", cid: str, upto: int, replies: list, key: str = "unused") -> list:
@@ -248,6 +261,7 @@ BAD = [  # (endpoint, body, status, param or code)
     ("completions", {"model": NAME, "prompt": "x", "rewire": {"learning_rate": 1}}, 400, "unknown_field"),
     ("completions", {"model": NAME, "prompt": "x", "rewire": {"steps": 0}}, 400, "rewire"),
     ("completions", {"model": NAME, "prompt": "x", "n": 2}, 400, "n"),
+    ("completions", {"model": NAME, "prompt": "x", "seed": 2 ** 64}, 400, "seed"),
     ("chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
 ]
 
@@ -265,10 +279,47 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
     assert get(s.url + "/health")[0] == 200
 
 
-def test_non_loopback_bind_without_api_key_refuses(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rewire_jax.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == 2 and "--api-key" in r.stderr
+def _wait_until(cond, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}"
+        time.sleep(0.05)
+
+
+def test_client_disconnect_frees_its_row(server):
+    """A client that goes away mid-stream, and one that leaves before its (non-streamed) response,
+    each free their row at the next decode boundary: /health's active rows drop to 0 and its count of
+    cancelled requests grows by 2, long before the 100 tokens asked for (a phase every 8) are made.
+    Then the next request is served."""
+    s = server["server"]
+    health = lambda: get(s.url + "/health")[1]
+    before = health()["cancelled"]
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0}
+    head = {"Content-Type": "application/json"}
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), head)
+    resp = conn.getresponse()
+    assert resp.status == 200
+    while not resp.fp.readline().startswith(b"data: {"):   # the first piece: it is generating
+        pass
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    _wait_until(lambda: health()["active"] == 0, what="the streamed request's row to be freed")
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps(body), head)
+    _wait_until(lambda: health()["active"] == 1, what="the request to take a row")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    _wait_until(lambda: health()["active"] == 0, what="the non-streamed request's row to be freed")
+    assert health()["cancelled"] == before + 2
+    r = s.client().completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens >= 1
+
+
+def test_non_loopback_bind_without_api_key_refuses(capsys):
+    """(in process: the CLI refuses before loading anything)"""
+    from rewire_jax import cli
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2 and "--api-key" in capsys.readouterr().err
 
 
 def test_sigkill_after_two_turns_restart_continues(server, conversation, tmp_path):
@@ -300,3 +351,26 @@ def test_sigkill_after_two_turns_restart_continues(server, conversation, tmp_pat
         got = [f.result(timeout=240) for f in [pool.submit(one, i) for i in range(16)]]
     assert 429 in got and 1 in got and set(got) <= {1, 429}
     assert get(s2.url + "/health")[0] == 200
+
+
+def test_sigterm_drains_the_turn_in_flight(server):
+    """SIGTERM with a conversation turn in flight (the restarted server): /health says draining and a
+    new request gets a 503 while the turn finishes; the turn is answered and its state written; the
+    process exits 0."""
+    s = server["server"]
+    c = s.client(KEY)
+    health = lambda: get(s.url + "/health")[1]
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(lambda: c.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": TURNS[0]}], max_tokens=40, temperature=0,
+            extra_body={"conversation_id": "conv-t"}))
+        _wait_until(lambda: health()["active"] == 1, what="the turn to take a row")
+        s.proc.send_signal(signal.SIGTERM)
+        _wait_until(lambda: health()["status"] == "draining", what="the server to drain")
+        status, err = post(f"{s.url}/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 2},
+                           {"Authorization": f"Bearer {KEY}"})
+        assert status == 503 and err["error"]["code"] == "shutting_down"
+        r = fut.result(timeout=240)
+    assert r.choices[0].message.content and r.model_extra["rewire"]["turn"] == 1
+    assert (s.state_dir / "conv-t" / "state.json").is_file()
+    assert s.proc.wait(120) == 0

@@ -5,10 +5,11 @@ run offline through `generate_queue` (same batch size, greedy): the serving over
     python -m rewire_jax.bench.serve [--model DIR] [--clients 16] [--requests 64] [--max-tokens 64]
                                      [--batch-size 16] [--json OUT]
 
-Each mode runs its workload `--warmup` times untimed (compiling), then once timed; offline: once
-untimed, once timed.
-Reported: requests/s, generated tokens/s, p50 / p99 time to first token and latency, offline
-tokens/s, and server / offline tokens/s.
+Each mode runs its workload `--warmup` times untimed through the server (compiling) and once
+offline, then `--repeat` times timed, the server and offline runs alternating (on a shared machine
+the load drifts: each pair sees about the same).
+Reported, the median over the repeats: requests/s, generated tokens/s, p50 / p99 time to first token
+and latency, offline tokens/s, and server / offline tokens/s (the median of the pairs' ratios).
 """
 from __future__ import annotations
 
@@ -102,10 +103,11 @@ def run_clients(url: str, prompts: list[str], max_tokens: int, clients: int, rew
             "latency_p50": float(np.percentile(lat, 50)), "latency_p99": float(np.percentile(lat, 99))}
 
 
-def run_offline(model, prompts: list[str], max_tokens: int, batch_size: int, rewire) -> dict:
+def run_offline(model, prompts: list[str], max_tokens: int, batch_size: int, rewire, warmup: bool = False) -> dict:
     from ..generation import generate_queue
     ids = [model.encode(p) for p in prompts]
-    generate_queue(model, ids, max_tokens, batch_size=batch_size, rewire=rewire)   # compiles
+    if warmup:
+        generate_queue(model, ids, max_tokens, batch_size=batch_size, rewire=rewire)   # compiles
     t0 = time.perf_counter()
     q = generate_queue(model, ids, max_tokens, batch_size=batch_size, rewire=rewire)
     wall = time.perf_counter() - t0
@@ -120,7 +122,7 @@ def table(rows: list[dict]) -> str:
         s, o = r["server"], r["offline"]
         out.append(f"| {r['mode']} | {s['requests_per_s']:.2f} | {s['tokens_per_s']:.1f} | {s['ttft_p50']:.2f} / "
                    f"{s['ttft_p99']:.2f} | {s['latency_p50']:.2f} / {s['latency_p99']:.2f} | {o['tokens_per_s']:.1f} | "
-                   f"{s['tokens_per_s'] / o['tokens_per_s']:.2f}x |")
+                   f"{r['ratio']:.2f}x |")
     return "\n".join(out)
 
 
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-context", type=int, default=None, help="the server's --max-context")
     p.add_argument("--modes", default="baseline,rewired")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of the workload per mode before the timed one")
+    p.add_argument("--warmup", type=int, default=2, help="untimed server runs of the workload per mode before the timed ones")
+    p.add_argument("--repeat", type=int, default=3, help="timed (server, offline) pairs per mode; medians reported")
     p.add_argument("--json", metavar="OUT", default=None)
     a = p.parse_args(argv)
     from ..api import load
@@ -151,11 +154,19 @@ def main(argv=None) -> int:
             rewired = mode == "rewired"
             for _ in range(a.warmup):   # compiles (the arrival order, hence the programs, varies per run)
                 run_clients(url, prompts, a.max_tokens, a.clients, rewired)
-            server = run_clients(url, prompts, a.max_tokens, a.clients, rewired)
-            offline = run_offline(model, prompts, a.max_tokens, a.batch_size, RewireOptions() if rewired else None)
-            rows.append({"mode": mode, "server": server, "offline": offline})
-            print(f"{mode}: server {server['tokens_per_s']:.1f} tok/s, offline {offline['tokens_per_s']:.1f} tok/s",
-                  file=sys.stderr, flush=True)
+            ro = RewireOptions() if rewired else None
+            run_offline(model, prompts, a.max_tokens, a.batch_size, ro, warmup=True)   # compiles
+            pairs = []
+            for _ in range(a.repeat):
+                pairs.append((run_clients(url, prompts, a.max_tokens, a.clients, rewired),
+                              run_offline(model, prompts, a.max_tokens, a.batch_size, ro)))
+                print(f"{mode}: server {pairs[-1][0]['tokens_per_s']:.1f} tok/s, offline "
+                      f"{pairs[-1][1]['tokens_per_s']:.1f} tok/s (load {os.getloadavg()[0]:.2f})",
+                      file=sys.stderr, flush=True)
+            med = lambda runs: {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+            rows.append({"mode": mode, "server": med([p[0] for p in pairs]), "offline": med([p[1] for p in pairs]),
+                         "ratio": float(np.median([p[0]["tokens_per_s"] / p[1]["tokens_per_s"] for p in pairs])),
+                         "runs": [{"server": p[0], "offline": p[1]} for p in pairs]})
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -166,7 +177,8 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
             "load_average": os.getloadavg(), "command": "python -m rewire_jax.bench.serve " + " ".join(
                 sys.argv[1:] if argv is None else argv), "model": a.model or "demo",
-            "clients": a.clients, "requests": a.requests, "max_tokens": a.max_tokens, "batch_size": a.batch_size}
+            "clients": a.clients, "requests": a.requests, "max_tokens": a.max_tokens, "batch_size": a.batch_size,
+            "warmup": a.warmup, "repeat": a.repeat}
     print(f"{info['date']}; {info['machine']}; load average {' '.join(f'{x:.2f}' for x in info['load_average'])}")
     print(f"`{info['command']}`\n")
     print(table(rows))

@@ -28,7 +28,7 @@ class DecodeState(NamedTuple):
     logits: Any     # [B, V] next-token logits (for position lengths[b])
     done: Any       # [B] bool: EOS emitted or max_new_tokens reached
     num_new: Any    # [B] tokens generated so far
-    key: Any
+    key: Any        # one PRNG key for the batch, or one per row [B] (each row draws from its own)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "reduction", "dispatch"))
@@ -131,9 +131,13 @@ def decode(params, state: DecodeState, cache, deltas, eos_ids, max_new, cfg: Mod
     def body(step, st, cache, go):
         """One token for the live rows; go=False: a step that changes nothing but cache rows no
         one reads (each row's next position, which its next real step overwrites)."""
-        key, sub = jax.random.split(st.key)
-        tok = sample(st.logits, sub, sampling)
         live = ~st.done & go
+        if st.key.ndim:   # one key per row [B], advanced only while the row is live: its own stream (seed)
+            ks = jax.vmap(jax.random.split)(st.key)
+            key, sub = jnp.where(live, ks[:, 0], st.key), ks[:, 1]
+        else:
+            key, sub = jax.random.split(st.key)
+        tok = sample(st.logits, sub, sampling)
         pos = jnp.minimum(st.lengths, S - 1)          # cache row (clamped for finished rows)
         Sb = st.buf.shape[1]
         buf = jnp.where(live[:, None] & (jnp.arange(Sb)[None] == jnp.minimum(st.lengths, Sb - 1)[:, None]),

@@ -56,6 +56,7 @@ class Request:
     on_tokens: Optional[Callable[["Request", list], None]] = None   # new tokens so far, after each decode call
     on_done: Optional[Callable[["Request"], None]] = None
     tag: Any = None
+    seed: Optional[int] = None                 # with per-row keys: its sampling key (default: the engine's next)
     # filled in by the engine
     tokens: Optional[list] = None              # new tokens (cut after a stop string)
     deltas_out: Optional[np.ndarray] = None    # [L_moe, E]
@@ -66,6 +67,7 @@ class Request:
     error: Optional[BaseException] = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     _cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    _serial: int = 0                           # its arrival number (set by submit)
 
     def cancel(self) -> None:
         """Free its row at the next decode boundary (or drop it from the waiting list)."""
@@ -85,7 +87,8 @@ class QueueEngine:
     def __init__(self, model, batch_size: int, cache_len: int, *, step_cap: int, eos_token_id: Any = "config",
                  seed: int = 0, dispatch: Optional[str] = None, refill_group: Optional[int] = None,
                  d0=None, o: Optional[RewireOptions] = None, route_type=None, max_waiting: Optional[int] = None,
-                 chunks: Optional[DecodeChunks] = None):
+                 chunks: Optional[DecodeChunks] = None, row_keys: bool = False, sub_batch: Optional[int] = None,
+                 join_steps: Optional[int] = None):
         cfg = self.cfg = model.config
         self.model, self.B, self.S, self.step_cap, self.dispatch = model, int(batch_size), int(cache_len), \
             int(step_cap), dispatch
@@ -94,6 +97,13 @@ class QueueEngine:
         self.chunks = chunks or default_chunks()   # decode device calls; ended rows are refilled between them
         if self.group < 1:
             raise ValueError(f"refill_group must be >= 1, got {refill_group}")
+        # sub_batch: every refill / phase / prefill sub-batch has exactly this many rows (padded, more
+        # rows in several calls): one program per context bucket, not one per sub-batch size. For a
+        # server, whose arrivals give every size in turn (each a compilation); None: `_pow2` sizes.
+        self.sub_batch = None if sub_batch is None else max(1, min(int(sub_batch), B))
+        # join_steps: while some rows are free, a decode call makes at most this many steps, so that
+        # a request arriving meanwhile (a server's next request) waits less for a row
+        self.join_steps = join_steps
         eos = cfg.eos_token_ids if eos_token_id == "config" else (
             () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist()))
         self.eos_set = set(int(e) for e in eos)
@@ -113,6 +123,10 @@ class QueueEngine:
         self.logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
         self.cache = None
         self.key = jax.random.key(seed)
+        # row_keys: each request samples from its own key (key(req.seed), or the engine key folded with
+        # its arrival number), whatever its neighbours; otherwise the batch shares one key stream
+        self.row_keys, self._serial = row_keys, 0
+        self.keys = jax.random.split(self.key, B) if row_keys else None
         self.route_type, self.route_all = route_type, None
         if route_type is not None:   # empty rows: alpha 1, the model's own routing
             self.route_all = route_type(jnp.zeros((B, *cfg.delta_shape), jnp.float32),
@@ -131,6 +145,7 @@ class QueueEngine:
         with self._cond:
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already (the limit)")
+            req._serial, self._serial = self._serial, self._serial + 1   # its key, without a seed
             self._waiting.append(req)
             self._cond.notify_all()
         return req
@@ -205,7 +220,14 @@ class QueueEngine:
         if not filled:
             return
         self.stats["refills"] += len(filled)
-        idx = jnp.asarray(_padded_rows(filled, B, _pow2(len(filled), B))[1])
+        k = self.sub_batch or B
+        for i in range(0, len(filled), k):
+            self._load_rows(filled[i:i + k])
+
+    def _load_rows(self, filled) -> None:
+        """Start deltas, Adam states (keys, routes) of the requests just put in rows `filled`."""
+        cfg, B = self.cfg, self.B
+        idx = jnp.asarray(_padded_rows(filled, B, self.sub_batch or _pow2(len(filled), B))[1])
         m = len(idx)
         reqs = [self.rows[r] for r in filled]
         reqs += [reqs[0]] * (m - len(reqs))
@@ -222,6 +244,9 @@ class QueueEngine:
             s = jax.tree.map(lambda *a: jnp.asarray(np.concatenate(a, 0)),
                              *[fresh if q.opt_state is None else q.opt_state for q in reqs])
         self.opt_all = _put(self.opt_all, s, idx)
+        if self.row_keys:
+            self.keys = _put(self.keys, jnp.stack([jax.random.key(q.seed) if q.seed is not None else
+                                                   jax.random.fold_in(self.key, q._serial) for q in reqs]), idx)
         if self.route_all is not None:
             self.route_all = _put(self.route_all, self.route_type(
                 *(jnp.asarray(np.stack([np.asarray(q.route[k]) for q in reqs])) for k in range(3))), idx)
@@ -235,10 +260,10 @@ class QueueEngine:
             k = (self._opt_id(opts), wants, int(self.row_phases[r]) if (wants and opts.selection == "random") else 0)
             classes.setdefault(k, []).append((r, bucket_length(int(self.lengths[r]), cap=S)))
         groups = [(Tb, wants, pidx, rows) for (_, wants, pidx), rb in sorted(classes.items())
-                  for Tb, rows in plan_groups(rb, B, phase_token_cap() if wants else None)]
+                  for Tb, rows in plan_groups(rb, self.sub_batch or B, phase_token_cap() if wants else None)]
         for Tb, wants, pidx, rows in groups:
             opts = self.rows[rows[0]].opts
-            m = _pow2(len(rows), B)
+            m = self.sub_batch or _pow2(len(rows), B)
             gather_idx, put_idx = _padded_rows(rows, B, m)
             gi, pi = jnp.asarray(gather_idx), jnp.asarray(put_idx)
             real = np.arange(m) < len(rows)
@@ -301,6 +326,8 @@ class QueueEngine:
             if q.stops:
                 b = min(b, int(self.num_new[r]) + STOP_CHECK)
             stop_at[r] = b
+        if self.join_steps and not live.all():   # free rows: a request arriving now joins after join_steps
+            stop_at[live] = np.minimum(stop_at[live], self.num_new[live] + self.join_steps)
         by_sampling: dict = {}
         for r in np.flatnonzero(live):
             by_sampling.setdefault(self.rows[r].sampling, []).append(r)
@@ -325,7 +352,7 @@ class QueueEngine:
         window = decode_window(int(self.lengths[live].max()) + min(self.step_cap, steps_left), self.S,
                                self.chunks.masked)
         state = DecodeState(jnp.asarray(self.buf), jnp.asarray(self.lengths), self.logits, jnp.asarray(~mask),
-                            jnp.asarray(self.num_new), self.key)
+                            jnp.asarray(self.num_new), self.keys if self.row_keys else self.key)
         t0 = time.perf_counter()
         min_done = min(self.group, int(mask.sum()))
         state, self.cache = run_decode(self.params, state, self.cache, self.d_all, self.eos_arr, jnp.asarray(stop_at),
@@ -338,7 +365,11 @@ class QueueEngine:
         self.stats["row_steps_busy"] += int((new_num - self.num_new)[mask].sum())
         self.stats["row_steps_total"] += steps * self.B
         self.buf, self.lengths, self.num_new = np.array(state.buf), np.array(state.lengths), new_num.copy()
-        self.logits, self.key = state.logits, state.key
+        self.logits = state.logits
+        if self.row_keys:
+            self.keys = state.key
+        else:
+            self.key = state.key
 
     def _new(self, r: int) -> np.ndarray:
         return self.buf[r, self.lengths[r] - self.num_new[r]:self.lengths[r]]

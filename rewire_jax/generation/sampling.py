@@ -37,7 +37,7 @@ def greedy(logits):
 
 
 def sample(logits, key, s: Sampling):
-    """logits [B, V] fp32 -> tokens [B] int32."""
+    """logits [B, V] fp32, key: one key or [B] keys -> tokens [B] int32."""
     if s.temperature == 0:
         return greedy(logits)
     logits = logits / s.temperature
@@ -51,4 +51,6 @@ def sample(logits, key, s: Sampling):
         cutoff_idx = jnp.sum(jnp.cumsum(probs, -1) - probs < s.top_p, axis=-1) - 1
         cutoff = jnp.take_along_axis(order, cutoff_idx[:, None], axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if key.ndim:   # one key per row [B]: row b's draw depends on its key only (as that row alone)
+        return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(key, logits).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

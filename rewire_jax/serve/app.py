@@ -60,20 +60,37 @@ def create_app(model, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="rewire-jax", lifespan=lifespan)
     app.state.draining = False   # set on SIGTERM (cli.py): new requests get a 503, those in flight finish
     app.state.engine = engine
+    app.state.in_flight = 0     # /v1/ requests not yet answered
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        if request.url.path.startswith("/v1/"):
+    class Guard:
+        """/v1/*: a 503 while draining, the API key; counts the requests in flight (until their
+        response, streamed or not, is sent). Plain ASGI, not BaseHTTPMiddleware: that one hides the
+        client's disconnect from the handlers (a non-streamed request would keep its row) and copies
+        every streamed chunk through a memory stream."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+                return await self.inner(scope, receive, send)
             if app.state.draining:
-                return _error(ApiError(503, "the server is shutting down; retry on another instance",
-                                       type="server_error", code="shutting_down"))
+                return await _error(ApiError(503, "the server is shutting down; retry on another instance",
+                                             type="server_error", code="shutting_down"))(scope, receive, send)
             if config.api_key is not None:
-                got = request.headers.get("authorization", "")
-                if not secrets.compare_digest(got.encode(), f"Bearer {config.api_key}".encode()):
-                    return _error(ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY' "
-                                                "with the server's --api-key", type="invalid_request_error",
-                                           code="invalid_api_key"))
-        return await call_next(request)
+                got = dict(scope["headers"]).get(b"authorization", b"")
+                if not secrets.compare_digest(got, f"Bearer {config.api_key}".encode()):
+                    return await _error(ApiError(401, "invalid or missing API key: send 'Authorization: Bearer "
+                                                      "KEY' with the server's --api-key",
+                                                 type="invalid_request_error", code="invalid_api_key"))(
+                        scope, receive, send)
+            app.state.in_flight += 1   # the drain (cli.py) waits for these and the engine's rows
+            try:
+                await self.inner(scope, receive, send)
+            finally:
+                app.state.in_flight -= 1
+
+    app.add_middleware(Guard)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
@@ -127,7 +144,7 @@ def create_app(model, config: ServeConfig) -> FastAPI:
         args = turn.generate_args if turn is not None else dict(rewire=g.rewire, deltas=None)
         reqs = [Request(p, max_tokens, g.stops, args["rewire"], g.sampling,
                         deltas=None if args.get("deltas") is None else args["deltas"][0],
-                        opt_state=args.get("opt_state")) for p in prompts]
+                        opt_state=args.get("opt_state"), seed=g.seed) for p in prompts]
         queues = []
         try:
             for q in reqs:

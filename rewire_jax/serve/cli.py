@@ -10,6 +10,7 @@ import ipaddress
 import os
 import signal
 import sys
+import time
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -102,12 +103,27 @@ def main(a) -> int:
     app = create_app(model, cfg)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):   # SIGTERM / SIGINT: 503 for new requests, drain the others
+        """SIGTERM drains: the socket stays open and new requests get a 503 while the engine finishes
+        what it holds (up to --drain-timeout); then uvicorn's shutdown waits for the responses to be
+        sent and the process exits 0. SIGINT (or a second SIGTERM) exits as uvicorn does."""
+        drain_since = None
+
+        def handle_exit(self, sig, frame):
             app.state.draining = True
-            if sig == signal.SIGTERM:   # drain, then exit 0 (uvicorn would re-raise SIGTERM after the drain)
+            if sig == signal.SIGTERM and self.drain_since is None:
+                self.drain_since = time.monotonic()   # on_tick sets should_exit once drained
+            elif sig == signal.SIGTERM:
                 self.should_exit = True
             else:
                 super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_since is not None and not self.should_exit:
+                load = app.state.engine.load
+                timed_out = time.monotonic() - self.drain_since > a.drain_timeout
+                if timed_out or load["active"] + load["waiting"] + app.state.in_flight == 0:
+                    self.should_exit = True
+            return await super().on_tick(counter)
 
     server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                    timeout_graceful_shutdown=a.drain_timeout))

@@ -30,6 +30,7 @@ class ServeEngine:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: Optional[BaseException] = None
+        self.cancelled = 0   # requests whose client went away before the end (their rows freed early)
         self.thread = threading.Thread(target=self._run, name="rewire-jax-engine", daemon=True)
 
     def start(self, timeout: float = 600.0) -> None:
@@ -42,8 +43,12 @@ class ServeEngine:
     def _run(self) -> None:
         try:   # built in this thread: every JAX call of the engine happens here
             a = self._args
+            # one sub-batch size (a quarter of the batch, as the refill group): arrivals in any order
+            # reuse the same compiled phase / prefill programs; each request samples from its own key
             self.engine = QueueEngine(self.model, a["batch_size"], a["cache_len"], step_cap=a["step_cap"],
-                                      seed=a["seed"], max_waiting=a["max_waiting"])
+                                      seed=a["seed"], max_waiting=a["max_waiting"], row_keys=True,
+                                      sub_batch=max(1, a["batch_size"] // 4),
+                                      join_steps=max(1, a["step_cap"] // 4))
         except BaseException as e:   # handed to start()
             self._error = e
             self._ready.set()
@@ -62,9 +67,19 @@ class ServeEngine:
             except RuntimeError:   # the loop is closed (shutdown): nobody is listening
                 pass
 
-        if stream:
-            req.on_tokens = lambda q, toks: put(("tokens", toks))
-        req.on_done = lambda q: put(("done", q))
+        if stream:   # the first tokens at once, then every step_cap tokens (short decode calls while
+            sent = [0]  # rows are free would otherwise make 4x the SSE chunks)
+
+            def tokens(q: Request, toks: list) -> None:
+                if sent[0] == 0 or len(toks) - sent[0] >= self._args["step_cap"]:
+                    sent[0] = len(toks)
+                    put(("tokens", toks))
+            req.on_tokens = tokens
+
+        def done(q: Request) -> None:
+            self.cancelled += q.cancelled
+            put(("done", q))
+        req.on_done = done
         self.engine.submit(req)
         return events
 
@@ -72,7 +87,8 @@ class ServeEngine:
     def load(self) -> dict:
         e = self.engine
         return {"active": e.active if e else 0, "waiting": e.waiting if e else 0,
-                "batch_size": self._args["batch_size"], "max_queue": self._args["max_waiting"]}
+                "batch_size": self._args["batch_size"], "max_queue": self._args["max_waiting"],
+                "cancelled": self.cancelled}
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Let the engine finish what it holds, then stop its thread."""

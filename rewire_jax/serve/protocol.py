@@ -176,6 +176,8 @@ def parse(body: Any, chat: bool, default_rewire: Optional[RewireOptions], tokeni
     if not 0 < top_p <= 1:
         raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p", "invalid_value")
     seed = _typed(body, "seed", (int,))
+    if seed is not None and not -2 ** 63 <= seed < 2 ** 63:
+        raise ApiError(400, f"'seed' must be a 64-bit signed integer, got {seed}", "seed", "invalid_value")
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else stop
     if stops is None:
