@@ -16,6 +16,7 @@ NEXT_STEPS = ("next: `rewire-jax eval --help` scores rewiring on benchmark tasks
 
 def _parser() -> argparse.ArgumentParser:
     from .cli_options import add_rewire_arguments
+    from .model.config import DISPATCH_METHODS
 
     from . import __version__
 
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0, help="sampling PRNG seed (and random selection)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    g.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged", "kernel"), default="auto",
+    g.add_argument("--dispatch", choices=DISPATCH_METHODS, default="auto",
                    help="how the routed experts are computed (all exact; auto picks per backend and shape)")
     from . import distributed
     distributed.add_arguments(g)

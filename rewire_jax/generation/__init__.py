@@ -12,5 +12,5 @@ from .generate import GenerationResult, PhaseRecord, generate
 from .queue import QueueResult, generate_queue
 from .sampling import Sampling, sample
 
-__all__ = ["DecodeChunks", "DecodeState", "default_chunks", "run_decode", "GenerationResult", "PhaseRecord", "Sampling", "cache_rows", "decode", "generate",
-           "generate_queue", "prefill", "QueueResult", "sample"]
+__all__ = ["DecodeChunks", "DecodeState", "GenerationResult", "PhaseRecord", "QueueResult", "Sampling", "cache_rows",
+           "decode", "default_chunks", "generate", "generate_queue", "prefill", "run_decode", "sample"]

@@ -17,6 +17,7 @@ LOOPBACK_NAMES = ("localhost",)
 
 def add_parser(sub) -> None:
     from ..cli_options import add_rewire_arguments
+    from ..model.config import DISPATCH_METHODS
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with per-request rewiring, continuous "
                                      "batching and persistent conversations (needs the [serve] extra)")
     s.add_argument("--model", default=None, help="model directory or hub id (default: the bundled demo model, "
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     add_rewire_arguments(s)
     s.add_argument("--seed", type=int, default=0, help="the engine's sampling key (and random selection)")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    s.add_argument("--dispatch", choices=("auto", "dense", "gather", "blocked", "ragged", "kernel"), default="auto")
+    s.add_argument("--dispatch", choices=DISPATCH_METHODS, default="auto")
     s.add_argument("--drain-timeout", type=float, default=120.0,
                    help="seconds SIGTERM waits for requests in flight")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
