@@ -3,7 +3,12 @@
 #
 # Load the bundled demo model (a small OLMoE trained by this project on the Python standard
 # library), generate a continuation with and without test-time rerouting, and look at what each
-# optimisation phase did to the loss on the context.
+# optimisation phase did to the loss on the context. The sizes are the next cell's (tagged
+# `parameters`: `tests/test_notebooks.py` runs the notebook with smaller ones put after it).
+
+# %% tags=["parameters"]
+max_new_tokens = 128   # tokens generated, baseline and rewired
+interval = 32          # re-optimise every `interval` generated tokens
 
 # %%
 import matplotlib.pyplot as plt
@@ -19,9 +24,9 @@ print(model.config.model_type, "layers:", model.config.num_layers, "experts:", m
 
 # %%
 prompt = "import os\n\n\ndef walk_files(root):\n    \"\"\"Yield every file below root.\"\"\"\n"
-opts = RewireOptions(interval=32)  # paper defaults, re-optimising every 32 tokens
-baseline = rewire_jax.generate(model, [prompt], 128)
-rewired = rewire_jax.generate(model, [prompt], 128, rewire=opts)
+opts = RewireOptions(interval=interval)  # paper defaults, re-optimising every `interval` (32) tokens
+baseline = rewire_jax.generate(model, [prompt], max_new_tokens)
+rewired = rewire_jax.generate(model, [prompt], max_new_tokens, rewire=opts)
 print("----- baseline -----\n" + prompt + baseline.texts[0])
 print("----- rewired ------\n" + prompt + rewired.texts[0])
 

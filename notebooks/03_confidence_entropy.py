@@ -3,7 +3,13 @@
 #
 # Layer confidence `C_l` (Eq. 2-3) decides which layers rewiring updates. Left: its distribution
 # per layer on held-out code vs English prose (does the domain change which layers look
-# "confident"?). Right: router entropy along a generation, baseline vs rewired.
+# "confident"?). Right: router entropy along a generation, baseline vs rewired. The sizes are the
+# next cell's (tagged `parameters`: `tests/test_notebooks.py` runs the notebook with smaller ones).
+
+# %% tags=["parameters"]
+num_docs = 12          # documents per domain for the layer confidence
+max_new_tokens = 96    # tokens generated, baseline and rewired
+interval = 32          # re-optimise every `interval` generated tokens
 
 # %%
 import matplotlib.pyplot as plt
@@ -16,8 +22,8 @@ from rewire_jax.demo import corpus, data
 
 model = rewire_jax.load(DEMO_MODEL)
 cfg = model.config
-code = data.documents(model.tokenizer, corpus.heldout_files(), 128, 128)[:12]
-prose = data.text_documents(model.tokenizer, list(corpus.prose_topics().values()), 128, 128)[:12]
+code = data.documents(model.tokenizer, corpus.heldout_files(), 128, 128)[:num_docs]
+prose = data.text_documents(model.tokenizer, list(corpus.prose_topics().values()), 128, 128)[:num_docs]
 conf = {name: np.stack([analysis.trace(model, d).layer_confidence for d in docs])
         for name, docs in (("held-out code", code), ("prose", prose))}
 
@@ -33,8 +39,8 @@ ax[0].legend()
 
 prompt = "class LRUCache:\n    def __init__(self, capacity):\n"
 ids = model.encode(prompt)
-base = rewire_jax.generate(model, [ids], 96)
-rew = rewire_jax.generate(model, [ids], 96, rewire=RewireOptions(interval=32))
+base = rewire_jax.generate(model, [ids], max_new_tokens)
+rew = rewire_jax.generate(model, [ids], max_new_tokens, rewire=RewireOptions(interval=interval))
 ent_base = analysis.trace(model, ids + base.tokens[0]).entropy.mean(0)
 ent_rew = analysis.trace(model, ids + rew.tokens[0], rew.deltas[0]).entropy.mean(0)
 ax[1].plot(ent_base, label="baseline", alpha=0.8)

@@ -22,6 +22,17 @@
 # format for HumanEval; the MBPP fixture file); `shift:k` (shifted): k demonstrations from the
 # other domains' pools, for a code task MATH and MMLU (each in its own task's format), seeded per
 # problem. Both with and without `+rewire`.
+#
+# **Sizes.** The next cell (tagged `parameters`) sets the run's size; `tests/test_notebooks.py`
+# runs the notebook with smaller values put after it.
+
+# %% tags=["parameters"]
+num_problems = 6       # synthetic problems (of the 6 below)
+K = (1, 2)             # demonstrations for icl:k (aligned) and shift:k (shifted), besides k = 0
+interval = 4           # the run's re-optimisation interval m (tokens)
+sweep = (6, 8)         # rewire:interval=M for the interval sweep, besides the run's own m
+sc_k = 3               # sampled paths per problem (sc:k, sc:k+rewire)
+max_new_tokens = 12
 
 # %%
 import os
@@ -48,7 +59,7 @@ PROBLEMS = [("add", "a, b", "return a +", "candidate(2, 3) == 5"),
             ("first", "items", "return items[", "candidate([4, 5]) == 4"),
             ("join_words", "words", "return ' '.join(", "candidate(['a', 'b']) == 'a b'"),
             ("last", "items", "return items[-", "candidate([4, 5]) == 5"),
-            ("square", "x", "return x *", "candidate(3) == 9")]
+            ("square", "x", "return x *", "candidate(3) == 9")][:num_problems]
 tmp = Path(tempfile.mkdtemp())
 task_file = tmp / "finish_the_line.jsonl"
 task_file.write_text("".join(json.dumps({"task_id": f"Line/{i}", "entry_point": name,
@@ -58,23 +69,24 @@ task_file.write_text("".join(json.dumps({"task_id": f"Line/{i}", "entry_point": 
 print(task_file.read_text().splitlines()[0])
 
 model = rewire_jax.load(DEMO_MODEL)
-cfg = EvalConfig(model=str(DEMO_MODEL), max_new_tokens={"humaneval": 12}, batch_size=18,
-                 rewire={"interval": 4}, sandbox_timeout=5.0,
+# batch_size: every method's problems in one batch (sc:k: k rows per problem)
+cfg = EvalConfig(model=str(DEMO_MODEL), max_new_tokens={"humaneval": max_new_tokens}, batch_size=num_problems * sc_k,
+                 rewire={"interval": interval}, sandbox_timeout=5.0,
                  icl_sources={"humaneval": str(FIX / "mbpp_prompt_small.jsonl"),
                               "math500": str(FIX / "math_small.jsonl"),
                               "mmlu_redux": str(FIX / "mmlu_redux_small.jsonl")})
 
 # %% [markdown]
-# One run, all methods: k = 0, 1, 2 aligned and shifted demonstrations, baseline and rewired
-# (interval 4); the interval sweep `rewire:interval=M` (M = 4 = the run's default, 6, 8) and
-# `rewire:continuous=false` (one phase on the prompt, no updates); and `sc:3` / `sc:3+rewire`
-# (3 sampled paths per problem, temperature 0.7, top-p 0.95) for the diversity table.
+# One run, all methods (the sizes of the `parameters` cell): k = 0, 1, 2 (`K`) aligned and shifted
+# demonstrations, baseline and rewired (`interval` 4); the interval sweep `rewire:interval=M`
+# (M = 4 = the run's default, and `sweep` 6, 8) and `rewire:continuous=false` (one phase on the
+# prompt, no updates); and `sc:3` / `sc:3+rewire` (`sc_k` = 3 sampled paths per problem,
+# temperature 0.7, top-p 0.95) for the diversity table.
 
 # %%
-K = (1, 2)
 methods = (["baseline", "rewire"] + [f"{d}:{k}" for d in ("icl", "shift") for k in K]
            + [f"{d}:{k}+rewire" for d in ("icl", "shift") for k in K]
-           + ["rewire:interval=6", "rewire:interval=8", "rewire:continuous=false", "sc:3", "sc:3+rewire"])
+           + [f"rewire:interval={m}" for m in sweep] + ["rewire:continuous=false", f"sc:{sc_k}", f"sc:{sc_k}+rewire"])
 run_dir = tmp / "run"
 # the lock-step backend: one padded batch per method, so few programs to compile on this tiny run
 backend = generate_backend(model, lockstep=True)
@@ -87,7 +99,7 @@ display(Markdown(markdown(res)))
 
 # %%
 recs = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-print(next(r["prompt"] for r in recs if r["method"] == "shift:2" and r["problem_id"] == "Line/0"))
+print(next(r["prompt"] for r in recs if r["method"] == f"shift:{K[-1]}" and r["problem_id"] == "Line/0"))
 
 # %% [markdown]
 # ## Fig. 4: score vs number of demonstrations, aligned vs shifted
@@ -104,7 +116,7 @@ plots.plot_interval(run_dir, tmp / "fig6.png")
 display(Image(filename=str(tmp / "fig6.png")))
 
 # %% [markdown]
-# ## Table 6: diversity of the 3 samples per problem
+# ## Table 6: diversity of the `sc_k` (3) samples per problem
 #
 # Per problem: the mean over its sample pairs of 1 - cosine similarity of TF-IDF vectors (scikit-learn,
 # fitted on that problem's samples); mean ± std over problems. The embedding-based column appears
@@ -112,6 +124,6 @@ display(Image(filename=str(tmp / "fig6.png")))
 # --embed-model DIR`) is given a local sentence-transformers code model; none is bundled.
 
 # %%
-for m in ("sc:3", "sc:3+rewire"):
+for m in (f"sc:{sc_k}", f"sc:{sc_k}+rewire"):
     d = res["tasks"]["humaneval"][m]["diversity"]["tfidf"]
     print(f"{m:12s} TF-IDF cosine diversity {d['mean']:.3f} ± {d['std']:.3f} over {d['problems']} problems")

@@ -10,7 +10,13 @@
 # probabilities on a prompt, replaces every router by a subclass that divides the router logits by
 # a temperature, and compares baseline / rewired generations of the stock and the modified model.
 # The modified model goes through the same `generate` (and `rewirer`, queue, eval harness) as the
-# stock one: `model.with_module(module)` carries the module graph in the model's config.
+# stock one: `model.with_module(module)` carries the module graph in the model's config. The sizes
+# are the next cell's (tagged `parameters`: `tests/test_notebooks.py` runs the notebook with smaller
+# ones put after it).
+
+# %% tags=["parameters"]
+max_new_tokens = 96    # tokens generated per run (stock / tempered, baseline / rewired)
+interval = 32          # re-optimise every `interval` generated tokens
 
 # %%
 import jax
@@ -94,14 +100,15 @@ print("stock router still:", type(model.module.stacks["0"]["0"].mlp.routing).__n
 
 # %% [markdown]
 # ## Baseline and rewired generations, stock and tempered
-# Greedy, 96 new tokens, rewiring every 32 tokens (5 Adam steps per phase).
+# Greedy, `max_new_tokens` (96) new tokens, rewiring every `interval` (32) tokens (5 Adam steps per
+# phase).
 
 # %%
-opts = rewire_jax.RewireOptions(interval=32)
+opts = rewire_jax.RewireOptions(interval=interval)
 runs = {}
 for name, m in (("stock", model), ("tempered", tempered)):
-    runs[name, "baseline"] = rewire_jax.generate(m, prompt, max_new_tokens=96)
-    runs[name, "rewired"] = rewire_jax.generate(m, prompt, max_new_tokens=96, rewire=opts)
+    runs[name, "baseline"] = rewire_jax.generate(m, prompt, max_new_tokens=max_new_tokens)
+    runs[name, "rewired"] = rewire_jax.generate(m, prompt, max_new_tokens=max_new_tokens, rewire=opts)
 for (name, mode), r in runs.items():
     print(f"--- {name} / {mode}\n{prompt}{r.texts[0]}\n")
 
