@@ -20,10 +20,11 @@ OVERRIDES = {
     # 01, 03, 06: two phases per rewired generation (on the prompt and 16 tokens later), not 3-4
     "01_quickstart.ipynb": {"max_new_tokens": 32, "interval": 16},
     "03_confidence_entropy.ipynb": {"num_docs": 4, "max_new_tokens": 32, "interval": 16},
-    # one context bucket for every phase (prefix 40 and 48 both pad to 48), two phases per document
-    # at m = 8, one at m = 16; Adam steps 1 and 5 (5 shared with the ablation table)
+    # one context bucket for every phase (prefix 40 and 48 both pad to 48): in the grid two phases
+    # per document at m = 8, one at m = 16; Adam steps 1 and 5 (5 shared with the ablation table,
+    # one phase per document there: 'hard' / 'reverse' / 'random' compile a program per split point)
     "04_sweeps.ipynb": {"PREFIX": 40, "CONT": 16, "max_docs": 2, "intervals": [8, 16], "steps": [1, 5],
-                        "table_interval": 8, "table_steps": 5},
+                        "table_interval": 16, "table_steps": 5},
     # k = 0 and 1 (both figures' curves), one interval besides the run's, sc:2 (one pair per problem)
     "05_context_shift.ipynb": {"num_problems": 2, "K": (1,), "interval": 4, "sweep": (8,), "sc_k": 2,
                                "max_new_tokens": 8},
