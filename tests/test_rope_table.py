@@ -45,3 +45,25 @@ def test_unwritable_directory_keeps_nothing(tmp_path):
         rope_table.keep(None)
     want = (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).to(torch.float) / 64)).numpy()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_rope_inv_freq_is_one_object_across_threads(monkeypatch):
+    """Two threads tracing at once (the CLI's --compare) must get the same array: JAX makes one
+    program constant of it only when it is the same object, else the program (and its
+    persistent-cache key) depends on which thread came first."""
+    import threading
+    import time
+
+    from rewire_jax.model.config import RopeConfig
+
+    slow = layers._pos_freqs
+    monkeypatch.setattr(layers, "_pos_freqs", lambda *a: (time.sleep(0.2), slow(*a))[1])
+    rope = RopeConfig(theta=12345.0)   # a key no other test has cached
+    got = [None] * 4
+
+    def ask(i):
+        got[i] = layers.rope_inv_freq(rope, 32)[0]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(g is got[0] for g in got)

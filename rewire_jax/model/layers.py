@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Optional
 
 import jax
@@ -53,9 +54,22 @@ def _pos_freqs(theta: float, dim: int) -> np.ndarray:
     return np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=64)
+_rope_lock = threading.Lock()
+
+
 def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
-    """(inv_freq [dim/2] float32, attention_factor) exactly as transformers computes them (fp32)."""
+    """(inv_freq [dim/2] float32, attention_factor) exactly as transformers computes them (fp32).
+
+    One array object per (rope, dim), whichever thread asks first: JAX makes the layers' uses of a
+    numpy constant one program constant only when they are the same object, so two threads computing
+    it at once (the CLI traces on two) gave a program that differs from run to run, and a warm run
+    then missed the persistent compile cache."""
+    with _rope_lock:
+        return _rope_inv_freq(rope, dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     pos_freqs = _pos_freqs(float(rope.theta), dim)
     inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
     if rope.rope_type == "default":
