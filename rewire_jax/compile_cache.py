@@ -41,7 +41,8 @@ def default_dir(backend: Optional[str] = None) -> Path:
 def enable(cache_dir: str | Path, min_compile_secs: float = 0.0, min_entry_bytes: int = 0) -> Path:
     """Point JAX's persistent compilation cache at `cache_dir` (created) for this process; every
     program at least `min_compile_secs` to compile and `min_entry_bytes` big is kept (default: all;
-    a cache hit is cheaper than compiling even a small program)."""
+    a cache hit is cheaper than compiling even a small program). RoPE's torch-computed frequency
+    tables are kept in a per-CPU folder of it (`model.rope_table.keep`)."""
     import jax
 
     cache_dir = Path(cache_dir).expanduser()
@@ -56,6 +57,10 @@ def enable(cache_dir: str | Path, min_compile_secs: float = 0.0, min_entry_bytes
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", min_entry_bytes)
+    # a rerun traces every program again (the cache key is the lowered program) and RoPE's tables
+    # import torch at trace time (~1 s): keep them beside the programs, per CPU (model/rope_table.py)
+    from .model import rope_table
+    rope_table.keep(cache_dir / f"rope-{hashlib.sha256(cpu_features().encode()).hexdigest()[:12]}")
     return cache_dir
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Times the README's main command as a newcomer runs it: 3 runs cold (an empty compile cache each),
-# then 3 warm (the cache the last cold run wrote), with /usr/bin/time -v and the load average.
+# then 3 warm (the cache the last cold run wrote), with /usr/bin/time -v, the compile cache's entry
+# count after each run (a warm run that adds entries missed the cache) and the load average.
 #   bash scripts/time-main-command.sh [path/to/rewire-jax]      (default: .venv/bin/rewire-jax)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ for kind in cold cold cold warm warm warm; do
     >/dev/null 2>"$xdg.err" || { cat "$xdg.err" >&2; exit 1; }
   wall=$(grep -F 'Elapsed (wall' "$xdg.err" | awk '{print $NF}')
   user=$(grep -F 'User time' "$xdg.err" | awk '{print $NF}')
-  echo "$kind: wall $wall, user ${user}s, load before $load, after $(cut -d' ' -f1-3 /proc/loadavg)"
+  entries=$(find "$xdg" -name '*-cache' -type f | wc -l)   # a warm run that adds entries missed the cache
+  echo "$kind: wall $wall, user ${user}s, cache entries $entries, load before $load, after $(cut -d' ' -f1-3 /proc/loadavg)"
 done
 rm -f "$xdg.err"

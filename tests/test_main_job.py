@@ -106,3 +106,24 @@ def test_fast_cpu_compile_sets_the_flag_only_before_the_backend_starts():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["True", "False", "False", "--xla_backend_optimization_level=0"]
+
+
+def test_rerun_reads_rope_tables_without_torch(tmp_path):
+    """A rerun traces every program again (JAX's persistent cache keys on the lowered program) and
+    RoPE's frequencies come from torch (bit-identical to transformers'): the first run keeps torch's
+    table beside its compile cache, the second reads it and never imports torch (~1 s)."""
+    torch = pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k not in ("REWIRE_JAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    code = ("import sys; from rewire_jax.cli import main; "
+            "rc = main(['generate', '--prompt-ids', '1,2,3', '--max-new-tokens', '2', '--baseline', '--quiet']); "
+            "print(rc, 'torch' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env) for _ in range(2)]
+    assert [r.stdout.split() for r in runs] == [["0", "True"], ["0", "False"]], [r.stderr[-2000:] for r in runs]
+    rope = rewire_jax.load(DEMO_MODEL).config.rope
+    dim = rope.dim or rewire_jax.load(DEMO_MODEL).config.head_dim
+    tables = list(tmp_path.glob(f"rewire-jax/jax-cache/cpu-*/rope-*/pos-freqs-{float(rope.theta)!r}-{dim}-torch-*.npy"))
+    assert len(tables) == 1, list(tmp_path.rglob("*.npy"))
+    want = (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)).numpy()
+    got = np.load(tables[0])
+    assert got.dtype == want.dtype and np.array_equal(got.view(np.uint32), want.view(np.uint32))

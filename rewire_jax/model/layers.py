@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import rope_table
 from .config import RopeConfig
 
 NEG_INF = -1e30  # finite, so fully-masked rows never produce NaN
@@ -42,20 +44,32 @@ def _pos_freqs(theta: float, dim: int) -> np.ndarray:
     """theta ** (2i / dim) in fp32, bit-identical to transformers when torch is installed.
 
     numpy's and torch's fp32 pow differ by 1-2 ulp in a few entries, which at long context shifts
-    rope angles by ~1e-3; so reproduce torch's own op when it is there (it only runs at trace time),
-    else take the pow in fp64 and round once.
+    rope angles by ~1e-3; so reproduce torch's own op when it is there (it only runs at trace time;
+    `rope_table` can keep its result on disk), else take the pow in fp64 and round once.
     """
-    try:
-        import torch
-    except ImportError:
-        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        return np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
-    return (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)).numpy()
+    table = rope_table.pos_freqs(theta, dim)
+    if table is not None:
+        return table
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
+
+
+_rope_lock = threading.Lock()
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    """(inv_freq [dim/2] float32, attention_factor) exactly as transformers computes them (fp32).
+
+    One array object per (rope, dim), whichever thread asks first: JAX makes the layers' uses of a
+    numpy constant one program constant only when they are the same object, so two threads computing
+    it at once (the CLI traces on two) gave a program that differs from run to run, and a warm run
+    then missed the persistent compile cache."""
+    with _rope_lock:
+        return _rope_inv_freq(rope, dim)
 
 
 @functools.lru_cache(maxsize=64)
-def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
-    """(inv_freq [dim/2] float32, attention_factor) exactly as transformers computes them (fp32)."""
+def _rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     pos_freqs = _pos_freqs(float(rope.theta), dim)
     inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
     if rope.rope_type == "default":
