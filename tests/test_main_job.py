@@ -120,8 +120,9 @@ def test_rerun_reads_rope_tables_without_torch(tmp_path):
             "print(rc, 'torch' in sys.modules)")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env) for _ in range(2)]
     assert [r.stdout.split() for r in runs] == [["0", "True"], ["0", "False"]], [r.stderr[-2000:] for r in runs]
-    rope = rewire_jax.load(DEMO_MODEL).config.rope
-    dim = rope.dim or rewire_jax.load(DEMO_MODEL).config.head_dim
+    cfg = rewire_jax.load(DEMO_MODEL).config
+    rope = cfg.rope
+    dim = rope.dim or cfg.head_dim
     tables = list(tmp_path.glob(f"rewire-jax/jax-cache/cpu-*/rope-*/pos-freqs-{float(rope.theta)!r}-{dim}-torch-*.npy"))
     assert len(tables) == 1, list(tmp_path.rglob("*.npy"))
     want = (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)).numpy()

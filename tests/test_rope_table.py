@@ -5,6 +5,12 @@ import pytest
 from rewire_jax.model import layers, rope_table
 
 
+def _torch_table(theta: float, dim: int) -> np.ndarray:
+    """The oracle: transformers' own fp32 computation."""
+    torch = pytest.importorskip("torch")
+    return (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)).numpy()
+
+
 @pytest.fixture
 def kept(tmp_path):
     rope_table.keep(tmp_path)
@@ -13,8 +19,7 @@ def kept(tmp_path):
 
 
 def test_tables_are_torchs_and_read_back(kept):
-    torch = pytest.importorskip("torch")
-    want = (500000.0 ** (torch.arange(0, 130, 2, dtype=torch.int64).to(torch.float) / 130)).numpy()
+    want = _torch_table(500000.0, 130)
     first = rope_table.pos_freqs(500000.0, 130)
     files = list(kept.glob("pos-freqs-500000.0-130-torch-*.npy"))
     assert len(files) == 1 and np.array_equal(first.view(np.uint32), want.view(np.uint32))
@@ -36,14 +41,13 @@ def test_nothing_kept_by_default(tmp_path, monkeypatch):
 
 
 def test_unwritable_directory_keeps_nothing(tmp_path):
-    torch = pytest.importorskip("torch")
+    want = _torch_table(10000.0, 64)
     (tmp_path / "file").write_text("")
     rope_table.keep(tmp_path / "file" / "sub")   # mkdir fails: the table is still torch's
     try:
         got = rope_table.pos_freqs(10000.0, 64)
     finally:
         rope_table.keep(None)
-    want = (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).to(torch.float) / 64)).numpy()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 

@@ -20,7 +20,6 @@ from typing import Optional
 import numpy as np
 
 _dir: Optional[Path] = None   # set only by `keep`
-_lock = threading.Lock()      # the CLI traces on two threads: one computes (and imports torch), the other waits
 
 
 def keep(directory: Optional[str | Path]) -> None:
@@ -66,15 +65,14 @@ def _write(path: Path, table: np.ndarray) -> None:
 def pos_freqs(theta: float, dim: int) -> Optional[np.ndarray]:
     """torch's fp32 `theta ** (arange(0, dim, 2) / dim)` [ceil(dim/2)] (read from the kept tables
     when there), or None when torch is not installed."""
-    with _lock:
-        path = _path(theta, dim)
-        if path is not None and (table := _read(path, (dim + 1) // 2)) is not None:
-            return table
-        try:
-            import torch
-        except ImportError:
-            return None
-        table = (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)).numpy()
-        if path is not None:
-            _write(path, table)
+    path = _path(theta, dim)   # callers serialise (layers.rope_inv_freq's lock); writes are atomic anyway
+    if path is not None and (table := _read(path, (dim + 1) // 2)) is not None:
         return table
+    try:
+        import torch
+    except ImportError:
+        return None
+    table = (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)).numpy()
+    if path is not None:
+        _write(path, table)
+    return table
