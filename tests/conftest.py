@@ -13,6 +13,25 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # import (here, and in every subprocess the tests start, which inherit the environment).
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+#: XLA:CPU's MLIR fusion emitters (its default) spend about a third of the CPU time of compiling the
+#: tiny models' programs; with the older elemental emitters a compile-bound test took 78-86 s of CPU
+#: instead of 120 s (tests/test_queue.py, 2026-12-03, 2-core EPYC) and every tolerance holds. An XLA
+#: that does not know the flag aborts at start-up, so a subprocess tries it first, once (the xdist
+#: workers and the tests' subprocesses inherit XLA_FLAGS). Put the flag in XLA_FLAGS yourself to
+#: choose.
+EMITTER_FLAG = "--xla_cpu_use_fusion_emitters"
+
+
+def _xla_knows(flag: str) -> bool:
+    import subprocess
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}", JAX_PLATFORMS="cpu")
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True)
+    return probe.returncode == 0
+
+
+if EMITTER_FLAG not in os.environ["XLA_FLAGS"] and _xla_knows(f"{EMITTER_FLAG}=false"):
+    os.environ["XLA_FLAGS"] += f" {EMITTER_FLAG}=false"
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
